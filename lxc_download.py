@@ -1,0 +1,1167 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-2.1-or-later
+"""LXC container image downloader: the "download" template, in Python.
+
+LXC runs it as a template (``lxc-create -n c1 -t download -- -d debian -r
+bookworm -a amd64``); people run it by hand (``lxc_download.py --list``). It
+finds the newest signed image on an image server, verifies it with gpg, keeps
+it in a local cache, unpacks it into the container's rootfs and writes the
+container's config. Needs Python 3.8+, and python-gnupg + gpg to validate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import re
+import shutil
+import signal
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Callable, NoReturn, Dict, Iterator, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:  # heavy modules are imported where used, to keep --help fast
+    import tarfile
+    import urllib.request
+
+VERSION = "1.0.0"
+COMPAT_LEVEL = 7
+DEFAULT_SERVER = "images.linuxcontainers.org"
+DEFAULT_KEYID = "0xE7FB0CAEC8173D669066514CBAEFF88C22F6E216"
+DEFAULT_KEYSERVER = "hkps://keyserver.ubuntu.com"
+DEFAULT_TIMEOUT = 30.0
+ATTEMPTS = 3
+MAX_CACHE_AGE = 30 * 24 * 3600  # the design note's client-side cap on a cached build
+CHUNK = 1 << 20
+
+# The public key the image server signs with, used when no keyserver answers.
+BUILTIN_KEY = """\
+-----BEGIN PGP PUBLIC KEY BLOCK-----
+
+mQINBFLQvwwBEADNVxfLfsKibZbF5v2Tct9N0gxdFViOzVd/IRDrJ6pTEAcMlWdS
+h3VM3lV0qd1WtMlqCTgcbbk6zUAYnPQ2RsagCpOlaIZqbZ8Cv4390PuVAhG2QQvt
+9YrED00unJBomsC3QuF+xg0SBpHChmFUgJxomsFuAjowdMoh8XExM2v4TEe+vm9Z
+7ohBCxkw7C5cV9cQHeC1XiGBCccRe1Ib1U7+GmPUxAtGzHUsQQ4MjE/j830dmPJw
+w/ZNauKyNqSzpBsMnEiX+8RwqYEeYtqBAw9pnA3BMSshfA5L5ORw3zYecowUWt+l
+r5lhzBq2v3LLjzjwsb4wel8L7HZnUD+1bQe0QQkxWDKlHOIsB02DCwmz3fc9bvBI
+KZwRQZ8al7HicpWc4zJPBb7U0BSHE+YwTdOffFFL7YfbRS+4yfn0JBSmtyfTPaOp
+FvHV8MES52Mam3vyXWCKXC//3EXcWhhX4ZHfkcWJtEkDf1FwupptV6HEgx2d6UTZ
+0vEK20Dx+Hzlg0mpR10SS/ltch8w1Zl2co467oTMspdnPosTrxG0p2G+s/gUA/+E
+LY8fB/heXfNSb5IB3JJ8OTI+cwqN1Aw9X4aKPQcvPGvfQ5Mz8FZ4gkV38QzzMHsr
+6eeZGUPcCctP6FVfCHO0Mzxwv2VOnTbH+k72Acni2piTwn0APd9LKilXOwARAQAB
+tDpMWEMgcHJlLWJ1aWx0IGltYWdlcyA8bHhjLWRldmVsQGxpc3RzLmxpbnV4Y29u
+dGFpbmVycy5vcmc+iQI4BBMBAgAiBQJS0L8MAhsDBgsJCAcDAgYVCAIJCgsEFgID
+AQIeAQIXgAAKCRC67/iMIvbiFtzVD/933Dv/NsyPAiwT6BFLlqtq/Tl3NxcUogDS
+Rkv1oMiIunaKZRE/pQbLJVTSbt/eC3Kz7I40juDNsFGXXhD/sQCovMc58NpTKNPR
+zs3jC5vDIW721cLOhYqITvdWN+RKDCJqxBBNJztKEv29uA0PONssKBmC/apTdB6D
+QLLy3ddO/LzxDrCtC8ePLGjeVoEelZHR3tg8QZE+oVBuL3ZC2NTg/XaLSDO4zGCg
+Jyd1IHGKhi20Q/sBLmsFifnWt5b6ovmRqwlsZXqcS+a7Z+WSmZWT9hKIR2XSzYUW
+pmlJNO4VPzHgEcaCxlw3HxQqX0Loz4R8Y91shKuJ591ZMtmyf4j6Yl9KZfLs+lZH
+iX7uazhw4miXdpCvOKe8fPLa+68JGIYPxG22l2jqPJ9FIOtpSrJX3D/i8xed5h2V
+Vd38fZBn+cH1Wqbw1Ni94/f66Rp5GzJyMoVO7A016Ek3wx920SmX4HkCSEel77pF
+gvCBZkQDiD6TNCJxjHQpxoSGo6SDEfP0FjntB0yVy0zi+Iij9F3O1bPIIuses4OQ
+FkUGJb6V0L1wXl5hOARmVtgn6klwhsLf0EsjuH9yJN2GCuaKdjAdR8J1TsjW+q4h
+DKMvYOZ99YJUE+qujz9u93tJRZTuD8pQsGRez7qrZ0LUAdd/aOjNDLWzJ8AzeQE+
+OKVNmCzO9A==
+=euOK
+-----END PGP PUBLIC KEY BLOCK-----
+"""
+
+
+class DownloadError(Exception):
+    """A failure to report to the user as one ``ERROR:`` line."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived: unwind, cleaning temporary files on the way."""
+
+
+@dataclass(frozen=True)
+class Console:
+    """Where progress, warnings and verbose lines go."""
+
+    out: IO[str]
+    verbose: bool = False
+
+    def say(self, message: str = "") -> None:
+        print(message, file=self.out, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+    def detail(self, message: str) -> None:
+        if self.verbose:
+            print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors read like the rest of the program's errors."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"ERROR: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="lxc-download",
+        allow_abbrev=False,
+        description="LXC container image downloader: fetches a signed image from an "
+        "image server, verifies it, caches it and unpacks it into a container.",
+        epilog="Environment: LXC_CACHE_PATH (cache base), DOWNLOAD_KEYSERVER, "
+        "http_proxy/https_proxy/no_proxy, HOME, LXC_TEMPLATE_CONFIG, LXC_HOOK_DIR.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    g = p.add_argument_group("special arguments")
+    g.add_argument("-l", "--list", action="store_true", help="list the available images and exit")
+    g = p.add_argument_group("image")
+    g.add_argument("-d", "--dist", help="the name of the distribution")
+    g.add_argument("-r", "--release", help="release name or version")
+    g.add_argument("-a", "--arch", help="architecture of the container")
+    g.add_argument("--variant", help='variant of the image (default: "default")')
+    g = p.add_argument_group("optional arguments")
+    g.add_argument("--server", default=DEFAULT_SERVER,
+                   help=f"image server: host, host:port, host/prefix or https:// URL (default: {DEFAULT_SERVER})")
+    g.add_argument("--keyid", default=None,
+                   help=f"full fingerprint of the signing key (default: {DEFAULT_KEYID})")
+    g.add_argument("--keyserver", default=None,
+                   help=f"keyserver to fetch the key from (default: $DOWNLOAD_KEYSERVER or {DEFAULT_KEYSERVER})")
+    g.add_argument("--pubkey", metavar="FILE", help="armored public key to verify with, instead of a keyserver")
+    g.add_argument("--no-validate", action="store_true", help="do not verify GPG signatures (unsafe)")
+    g.add_argument("--flush-cache", action="store_true", help="flush the local copy (if present)")
+    g.add_argument("--force-cache", action="store_true", help="use the local copy even if expired")
+    g.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"network timeout for every wait (default: {DEFAULT_TIMEOUT:g})")
+    g.add_argument("--verbose", action="store_true", help="show each URL fetched and each signature verified")
+    g = p.add_argument_group("LXC internal arguments (set by lxc-create)")
+    g.add_argument("--name", help="the container name")
+    g.add_argument("--path", help="the path to the container")
+    g.add_argument("--rootfs", help="the path to the container's rootfs")
+    g.add_argument("--mapped-uid", type=int, default=-1, help="the container root's uid on the host (user namespaces)")
+    g.add_argument("--mapped-gid", type=int, default=-1, help="the container root's gid on the host (user namespaces)")
+    return p
+
+
+def parse_options(argv: Sequence[str]) -> argparse.Namespace:
+    opts = build_parser().parse_args(list(argv))
+    if not opts.list and not (opts.name and opts.path and opts.rootfs):
+        raise DownloadError("Please pass the name, path, and rootfs for the container")
+    opts.keyid_given = opts.keyid is not None
+    opts.keyid = normalize_keyid(opts.keyid or DEFAULT_KEYID)
+    if opts.keyserver is None:
+        opts.keyserver = os.environ.get("DOWNLOAD_KEYSERVER") or DEFAULT_KEYSERVER
+    if opts.timeout <= 0:
+        raise DownloadError("--timeout must be a positive number of seconds")
+    for label in ("dist", "release", "arch", "variant"):
+        value = getattr(opts, label)
+        if value is not None:
+            check_path_component(label, value)
+    return opts
+
+
+def normalize_keyid(keyid: str) -> str:
+    """Only a full fingerprint names one key; short ids are trivially forged."""
+    fpr = keyid[2:] if keyid.lower().startswith("0x") else keyid
+    fpr = fpr.replace(" ", "").upper()
+    if not re.fullmatch(r"[0-9A-F]{40}", fpr):
+        raise DownloadError(f"Invalid key id '{keyid}': give the key's full 40-hex-digit fingerprint")
+    return fpr
+
+
+def check_path_component(label: str, value: str) -> None:
+    """dist/release/arch/variant become cache directories: keep them one plain name."""
+    if (not value or value in (".", "..") or "/" in value
+            or any(ord(c) < 32 or ord(c) == 127 for c in value)):
+        raise DownloadError(f"Invalid {label}: {value!r}")
+
+
+# ---------------------------------------------------------------------------
+# Mode and paths
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mode:
+    """``index`` picks the index and meta files, ``cache`` picks where the cache lives."""
+
+    index: str
+    cache: str
+
+
+def detect_mode(mapped_uid: int, uid_map: str = "/proc/self/uid_map",
+                init_uid_map: str = "/proc/1/uid_map") -> Mode:
+    """Tell a real root (system or nested) from an unprivileged user namespace."""
+    try:
+        with open(uid_map) as f:
+            ours = f.read()
+    except FileNotFoundError:
+        return Mode("system", "system")
+    for line in ours.splitlines():
+        fields = line.split()
+        if fields == ["0", "0", "4294967295"]:
+            return Mode("system", "system")
+        if len(fields) == 3 and fields[1:] == ["0", "1"]:
+            return Mode("user", "system")
+    try:
+        with open(init_uid_map) as f:
+            if f.read() == ours:
+                return Mode("user", "system")
+    except OSError:
+        pass
+    if mapped_uid == -1:
+        raise DownloadError("In a user namespace without a map")
+    return Mode("user", "user")
+
+
+def cache_base(mode: Mode) -> Path:
+    override = os.environ.get("LXC_CACHE_PATH")
+    if override:
+        return Path(override)
+    if mode.cache == "system":
+        return Path("/var/cache/lxc")
+    return Path(os.environ.get("HOME") or os.path.expanduser("~")) / ".cache" / "lxc"
+
+
+@dataclass(frozen=True)
+class Image:
+    dist: str
+    release: str
+    arch: str
+    variant: str
+
+    def cache_dir(self, base: Path) -> Path:
+        return base / "download" / self.dist / self.release / self.arch / self.variant
+
+
+def relevant_file(directory: Path, name: str, mode: Mode) -> Path:
+    """The mode-specific, then compat-level-specific copy of a meta file, as the shell picks it."""
+    path = directory / name
+    specific = directory / f"{name}-{mode.index}"
+    if os.path.lexists(specific):
+        path = specific
+    compat = path.with_name(f"{path.name}.{COMPAT_LEVEL}")
+    if os.path.lexists(compat):
+        path = compat
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Server and index
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IndexEntry:
+    dist: str
+    release: str
+    arch: str
+    variant: str
+    build: str
+    path: str
+
+
+def server_url(server: str) -> str:
+    """Accept host, host:port, host/prefix or a full URL; plain http only when spelled out."""
+    from urllib.parse import urlsplit
+
+    url = server if "://" in server else f"https://{server}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise DownloadError(f"Invalid server: {server}")
+    return url.rstrip("/")
+
+
+def parse_index(text: str) -> List[IndexEntry]:
+    entries = []
+    for line in text.splitlines():
+        fields = line.strip().split(";")
+        if len(fields) != 6 or not all(fields):
+            continue
+        entries.append(IndexEntry(*fields))
+    return entries
+
+
+def select_entries(entries: Sequence[IndexEntry], dist: Optional[str] = None, release: Optional[str] = None,
+                   arch: Optional[str] = None, variant: Optional[str] = None) -> List[IndexEntry]:
+    wanted = {"dist": dist, "release": release, "arch": arch, "variant": variant}
+    return [e for e in entries if all(v is None or getattr(e, k) == v for k, v in wanted.items())]
+
+
+def newest_build(entries: Sequence[IndexEntry], image: Image) -> IndexEntry:
+    """The newest build wins (the shell took the first line, which mirrors list oldest first)."""
+    matches = select_entries(entries, image.dist, image.release, image.arch, image.variant)
+    if not matches:
+        raise DownloadError("Couldn't find a matching image")
+    return max(matches, key=lambda e: e.build)
+
+
+def image_url(base: str, entry: IndexEntry) -> str:
+    """Index paths are relative to the server base; refuse any that leave it."""
+    path = entry.path
+    parts = [p for p in path.split("/") if p]
+    if "://" in path or path.startswith("//") or not parts or any(p in (".", "..") for p in parts):
+        raise DownloadError(f"Invalid image path in the index: {path}")
+    return f"{base}/{'/'.join(parts)}"
+
+
+class Fetcher:
+    """HTTPS downloads with retries, resume, a bounded wait and no downgrade to HTTP."""
+
+    def __init__(self, console: Console, timeout: float) -> None:
+        self.console = console
+        self.timeout = timeout
+        self._opener: Optional[urllib.request.OpenerDirector] = None
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        if self._opener is None:
+            import urllib.request
+
+            class NoDowngrade(urllib.request.HTTPRedirectHandler):
+                def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+                    if req.full_url.startswith("https:") and not newurl.startswith("https:"):
+                        raise DownloadError(f"Refusing redirect from {req.full_url} to {newurl}")
+                    return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+            self._opener = urllib.request.build_opener(NoDowngrade())
+            self._opener.addheaders = [("User-Agent", f"lxc_download.py/{VERSION} compat:{COMPAT_LEVEL}")]
+        return self._opener
+
+    def download(self, url: str, dest: Path, required: bool = True) -> bool:
+        """Stream url to dest. A missing file returns False unless required."""
+        import urllib.error
+
+        self.console.detail(f"Fetching {url}")
+        last: Optional[BaseException] = None
+        for attempt in range(ATTEMPTS):
+            if attempt:
+                time.sleep(min(2 ** (attempt - 1), 4))
+            try:
+                self._transfer(url, dest)
+                return True
+            except urllib.error.HTTPError as e:
+                last = e
+                if e.code < 500 and e.code != 429:
+                    break
+            except (urllib.error.URLError, OSError) as e:
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    raise
+                last = e
+        if not required:
+            return False
+        reason = getattr(last, "reason", None) or last
+        raise DownloadError(f"Failed to download {url} ({reason})")
+
+    def _transfer(self, url: str, dest: Path) -> None:
+        """One attempt; continues a partial dest with a Range request when the server allows."""
+        import urllib.request
+
+        have = dest.stat().st_size if dest.exists() else 0
+        request = urllib.request.Request(url)
+        if have:
+            request.add_header("Range", f"bytes={have}-")
+        with self.opener().open(request, timeout=self.timeout) as response:
+            resumed = have and response.status == 206
+            mode = "ab" if resumed else "wb"
+            length = response.headers.get("Content-Length")
+            total = int(length) + (have if resumed else 0) if length and length.isdigit() else None
+            done = have if resumed else 0
+            with open(dest, mode) as out:
+                while True:
+                    chunk = response.read(CHUNK)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                    done += len(chunk)
+            if total is not None and done < total:
+                raise OSError(errno.EPIPE, f"connection closed after {done} of {total} bytes")
+
+
+# ---------------------------------------------------------------------------
+# Keys and verification
+# ---------------------------------------------------------------------------
+
+class Keyring:
+    """A throwaway GNUPGHOME holding only the image signing key; the user's keyring is never used."""
+
+    def __init__(self, console: Console, opts: argparse.Namespace) -> None:
+        self.console = console
+        self.opts = opts
+        self.home: Optional[str] = None
+        self.trusted: List[str] = []
+        self.gpg = None
+
+    def __enter__(self) -> Keyring:
+        try:
+            import gnupg
+        except ImportError:
+            raise DownloadError("python-gnupg is not installed: it is needed to validate images "
+                                "(install python3-gnupg, or pass --no-validate to skip validation)") from None
+        if not shutil.which("gpg"):
+            raise DownloadError("gpg is not installed: it is needed to validate images "
+                                "(install gnupg, or pass --no-validate to skip validation)")
+        import logging
+        import tempfile
+
+        logging.getLogger("gnupg").addHandler(logging.NullHandler())
+        logging.getLogger("gnupg").propagate = False
+        short = "/tmp" if os.access("/tmp", os.W_OK) else None  # gpg-agent socket paths are short
+        self.home = tempfile.mkdtemp(prefix="lxc-gpg.", dir=short)
+        self._write_dirmngr_conf()
+        self.gpg = gnupg.GPG(gnupghome=self.home)
+        self.console.say("Setting up the GPG keyring")
+        self._load_key()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.home:
+            if shutil.which("gpgconf"):
+                import subprocess
+
+                env = dict(os.environ, GNUPGHOME=self.home)
+                subprocess.run(["gpgconf", "--kill", "all"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=30, check=False)
+            shutil.rmtree(self.home, ignore_errors=True)
+
+    def _write_dirmngr_conf(self) -> None:
+        """dirmngr talks to the keyserver: give it our timeout, proxy and CA settings."""
+        assert self.home
+        lines = [f"connect-timeout {int(self.opts.timeout)}"]
+        if any(os.environ.get(v) for v in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")):
+            lines.append("honor-http-proxy")
+        cafile = os.environ.get("SSL_CERT_FILE")
+        if cafile and os.path.isfile(cafile):
+            lines.append(f"hkp-cacert {cafile}")
+        Path(self.home, "dirmngr.conf").write_text("\n".join(lines) + "\n")
+
+    def _load_key(self) -> None:
+        assert self.gpg is not None
+        if self.opts.pubkey:
+            try:
+                data = Path(self.opts.pubkey).read_text()
+            except OSError as e:
+                raise DownloadError(f"Unable to read the public key {self.opts.pubkey}: {e.strerror}") from None
+            found = self._import(data)
+            if not found:
+                raise DownloadError(f"No public key found in {self.opts.pubkey}")
+            if self.opts.keyid_given:
+                if self.opts.keyid not in found:
+                    raise DownloadError(f"{self.opts.pubkey} does not hold the key {self.opts.keyid}")
+                self.trusted = [self.opts.keyid]
+            else:
+                self.trusted = found
+            return
+        self.trusted = [self.opts.keyid]
+        if self._receive():
+            return
+        if self.opts.keyid == normalize_keyid(DEFAULT_KEYID):
+            self.console.warn(f"Unable to fetch GPG key from keyserver {self.opts.keyserver}, "
+                              "using the built-in copy of the LXC image signing key")
+            if self.opts.keyid in self._import(BUILTIN_KEY):
+                return
+        raise DownloadError("Unable to fetch GPG key from keyserver")
+
+    def _import(self, data: str) -> List[str]:
+        assert self.gpg is not None
+        return [f.upper() for f in self.gpg.import_keys(data).fingerprints if f]
+
+    def _receive(self) -> bool:
+        """Ask the keyserver, and accept only the key we asked for."""
+        assert self.gpg is not None
+        self.console.detail(f"Fetching key {self.opts.keyid} from {self.opts.keyserver}")
+        for attempt in range(ATTEMPTS):
+            if attempt:
+                time.sleep(1)
+            result = self.gpg.recv_keys(self.opts.keyserver, self.opts.keyid)
+            if self.opts.keyid in [f.upper() for f in result.fingerprints if f]:
+                return True
+        return False
+
+    def verify(self, path: Path, signature: Path, label: str) -> None:
+        assert self.gpg is not None
+        with open(signature, "rb") as sig:
+            result = self.gpg.verify_file(sig, str(path))
+        signers = {(result.pubkey_fingerprint or "").upper(), (result.fingerprint or "").upper()}
+        if not (result.valid and signers & set(self.trusted)):
+            raise DownloadError(f"Invalid signature for {label}")
+        self.console.detail(f"Verified {label}: good signature by {(result.pubkey_fingerprint or '').upper()}")
+
+
+class ImageServer:
+    """The image server as this run sees it: its URL, its (verified) index, and its files."""
+
+    def __init__(self, console: Console, opts: argparse.Namespace, mode: Mode, keyring: Optional[Keyring]) -> None:
+        self.console = console
+        self.base = server_url(opts.server)
+        self.mode = mode
+        self.keyring = keyring
+        self.fetcher = Fetcher(console, opts.timeout)
+        self._index: Optional[List[IndexEntry]] = None
+
+    def fetch_verified(self, url: str, dest: Path, label: str, required: bool = True) -> bool:
+        """Fetch a file and, when validating, its detached signature; verify them."""
+        if not self.fetcher.download(url, dest, required):
+            return False
+        if self.keyring is None:
+            return True
+        signature = dest.with_name(dest.name + ".asc")
+        if not self.fetcher.download(url + ".asc", signature, required):
+            return False
+        self.keyring.verify(dest, signature, label)
+        return True
+
+    def index(self, workdir: Path) -> List[IndexEntry]:
+        """The compat-level index, else the plain one; fetched and verified once per run."""
+        if self._index is None:
+            self.console.say("Downloading the image index")
+            path = f"{self.base}/meta/1.0/index-{self.mode.index}"
+            dest = workdir / "index"
+            for url, required in ((f"{path}.{COMPAT_LEVEL}", False), (path, True)):
+                for stale in (dest, dest.with_name("index.asc")):
+                    if stale.exists():
+                        stale.unlink()
+                if self.fetch_verified(url, dest, url, required):
+                    break
+            self._index = parse_index(dest.read_text(errors="replace"))
+        return self._index
+
+
+# ---------------------------------------------------------------------------
+# Listing and interactive choice
+# ---------------------------------------------------------------------------
+
+def format_listing(entries: Sequence[IndexEntry]) -> str:
+    rows = [("DIST", "RELEASE", "ARCH", "VARIANT", "BUILD")]
+    rows += [(e.dist, e.release, e.arch, e.variant, e.build) for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(["", "---", lines[0], "---", *lines[1:], "---"])
+
+
+def ask(prompt: str, console: Console) -> str:
+    console.out.write(f"{prompt}: ")
+    console.out.flush()
+    answer = sys.stdin.readline()
+    if not answer:
+        raise DownloadError(f"No answer for '{prompt}': standard input is closed")
+    return answer.strip()
+
+
+# ---------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------
+
+class CacheLock:
+    """One creator at a time per image, so an image is downloaded once and never replaced mid-unpack."""
+
+    def __init__(self, cache: Path) -> None:
+        self.path = cache.with_name(f".{cache.name}.lock")
+        self.fd = -1
+
+    def __enter__(self) -> CacheLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def recover_cache(cache: Path) -> None:
+    """Clear what a killed run left beside the cache; put back a cache it had moved aside."""
+    for leftover in sorted(cache.parent.glob(f".{cache.name}.*")):
+        kind = leftover.name[len(cache.name) + 2:].split("-", 1)[0]
+        if kind == "old" and not cache.exists():
+            os.rename(leftover, cache)
+        elif kind in ("old", "partial"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def read_build_id(cache: Path) -> Optional[str]:
+    try:
+        return (cache / "build_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def cache_complete(cache: Path, mode: Mode) -> bool:
+    return (cache / "rootfs.tar.xz").is_file() and relevant_file(cache, "config", mode).is_file()
+
+
+def cache_expired(cache: Path, mode: Mode, now: Optional[float] = None) -> bool:
+    """Expired by the image's own expiry, or because the build is older than the 30-day cap."""
+    now = time.time() if now is None else now
+    expiry = relevant_file(cache, "expiry", mode)
+    if os.path.lexists(expiry):
+        try:
+            if int(expiry.read_text().strip()) < now:
+                return True
+        except (OSError, ValueError):
+            return True
+    try:
+        return (cache / "build_id").stat().st_mtime < now - MAX_CACHE_AGE
+    except OSError:
+        return False
+
+
+def extract_meta(meta: Path, dest: Path) -> None:
+    """Meta is a flat set of small files; anything else in it is refused."""
+    import tarfile
+
+    reserved = {"rootfs.tar.xz", "rootfs.tar.xz.asc", "meta.tar.xz", "meta.tar.xz.asc", "build_id"}
+    try:
+        with tarfile.open(meta, "r:xz") as tar:
+            for member in tar:
+                name = member.name[2:] if member.name.startswith("./") else member.name
+                name = name.rstrip("/")
+                if member.isdir() and name in ("", "."):
+                    continue
+                if not member.isfile() or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name) or name in reserved:
+                    raise DownloadError(f"Invalid metadata tarball: unexpected member {member.name}")
+                source = tar.extractfile(member)
+                assert source is not None
+                with open(dest / name, "wb") as out:
+                    shutil.copyfileobj(source, out)
+    except (tarfile.TarError, EOFError, __import__("lzma").LZMAError) as e:
+        raise DownloadError(f"Invalid metadata tarball: {e}") from None
+
+
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    """Hand the cache to the unprivileged user who asked for it; failures don't matter."""
+    def own(path: str) -> None:
+        try:
+            os.lchown(path, uid, gid)
+        except OSError:
+            pass
+    own(str(root))
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            own(os.path.join(top, name))
+
+
+def download_image(server: ImageServer, entry: IndexEntry, cache: Path, opts: argparse.Namespace) -> None:
+    """Download and verify into a sibling staging directory, then swap it in whole."""
+    import tempfile
+
+    url = image_url(server.base, entry)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.partial-", dir=cache.parent))
+    try:
+        server.console.say("Downloading the rootfs")
+        server.fetch_verified(f"{url}/rootfs.tar.xz", staging / "rootfs.tar.xz", f"{url}/rootfs.tar.xz")
+        server.console.say("Downloading the metadata")
+        server.fetch_verified(f"{url}/meta.tar.xz", staging / "meta.tar.xz", f"{url}/meta.tar.xz")
+        extract_meta(staging / "meta.tar.xz", staging)
+        (staging / "build_id").write_text(entry.build + "\n")
+        staging.chmod(0o755)
+        fsync_tree(staging)
+        install_cache(staging, cache)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Data reaches the disk before the rename makes it the cache."""
+    for entry in directory.iterdir():
+        fd = os.open(entry, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def install_cache(staging: Path, cache: Path) -> None:
+    old = cache.with_name(f".{cache.name}.old-{os.getpid()}")
+    if cache.exists():
+        os.rename(cache, old)
+    os.rename(staging, cache)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare_cache(server: ImageServer, image: Image, base: Path, opts: argparse.Namespace,
+                  console: Console, workdir: Path) -> None:
+    """Decide between the cache and the server, and make the cache hold the image (§9)."""
+    cache, mode = image.cache_dir(base), server.mode
+    use_cache = False
+    if cache.is_dir():
+        if opts.flush_cache:
+            console.say("Flushing the cache...")
+            shutil.rmtree(cache)
+        elif not cache_complete(cache, mode):
+            pass
+        elif opts.force_cache:
+            use_cache = True
+        elif cache_expired(cache, mode):
+            console.say("The cached copy has expired, re-downloading...")
+        else:
+            use_cache = True
+    if use_cache:
+        console.say("Using image from local cache")
+        return
+    entry = newest_build(server.index(workdir), image)
+    cached = read_build_id(cache) if cache_complete(cache, mode) else None
+    if cached == entry.build:
+        console.say("The cache is already up to date")
+        console.say("Using image from local cache")
+        return
+    if cached is not None and cached > entry.build:
+        console.warn(f"The server offered an older build ({entry.build}) than the cached one "
+                     f"({cached}); keeping the cached build")
+        console.say("Using image from local cache")
+        return
+    download_image(server, entry, cache, opts)
+    if opts.mapped_uid >= 0 or opts.mapped_gid >= 0:
+        chown_tree(base, opts.mapped_uid, opts.mapped_gid)
+    console.say("The image cache is now ready")
+
+
+# ---------------------------------------------------------------------------
+# Unpack
+# ---------------------------------------------------------------------------
+
+def read_excludes(path: Path) -> List[str]:
+    if not path.is_file():
+        return []
+    return [w for line in path.read_text(errors="surrogateescape").splitlines() for w in line.split()]
+
+
+def excluded(name: str, patterns: Sequence[str]) -> bool:
+    """tar --anchored --exclude: the pattern matches the whole name or a leading directory of it."""
+    from fnmatch import fnmatchcase
+
+    name = name.rstrip("/")
+    candidates = [name]
+    while "/" in name:
+        name = name.rsplit("/", 1)[0]
+        candidates.append(name)
+    return any(fnmatchcase(c, p.rstrip("/")) for p in patterns for c in candidates)
+
+
+def member_parts(name: str) -> Tuple[bytes, ...]:
+    """Split a member name into safe path components, or refuse it."""
+    raw = name.encode("utf-8", "surrogateescape")
+    parts = tuple(p for p in raw.split(b"/") if p not in (b"", b"."))
+    if raw.startswith(b"/") or b".." in parts:
+        raise DownloadError(f"Refusing unsafe path in the rootfs tarball: {name}")
+    return parts
+
+
+class RootfsWriter:
+    """Creates tar members under a directory without ever following a link out of it.
+
+    Every parent is opened component by component with O_NOFOLLOW from the rootfs
+    descriptor, so a symlink in the tree (planted by the tarball or not) is never
+    walked through, and every entry is created fresh rather than written into.
+    """
+
+    def __init__(self, root: Path, console: Console) -> None:
+        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.console = console
+        self.dirs: Dict[Tuple[bytes, ...], int] = {(): self.root_fd}
+        self.deferred: List[Tuple[Tuple[bytes, ...], tarfile.TarInfo]] = []
+        self.privileged = os.geteuid() == 0
+        self.xattr_failures: List[str] = []
+
+    def close(self) -> None:
+        for fd in self.dirs.values():
+            os.close(fd)
+        self.dirs = {}
+
+    def dir_fd(self, parts: Tuple[bytes, ...], member: str) -> int:
+        """The directory at parts, opened without following links (created if missing)."""
+        fd = self.dirs.get(parts)
+        if fd is not None:
+            return fd
+        parent = self.dir_fd(parts[:-1], member)
+        try:
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        except FileNotFoundError:
+            os.mkdir(parts[-1], 0o755, dir_fd=parent)
+            fd = os.open(parts[-1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise DownloadError(f"Refusing to write through a link or non-directory "
+                                    f"in the rootfs tarball: {member}") from None
+            raise
+        self.dirs[parts] = fd
+        return fd
+
+    def forget(self, parts: Tuple[bytes, ...]) -> None:
+        for key in [k for k in self.dirs if k[:len(parts)] == parts and k]:
+            os.close(self.dirs.pop(key))
+
+    def clear(self, parent: int, name: bytes, parts: Tuple[bytes, ...], keep_dir: bool) -> bool:
+        """Remove what is in the way of a new entry; True if a directory to keep is there."""
+        try:
+            st = os.lstat(name, dir_fd=parent)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if keep_dir:
+                return True
+            self.forget(parts)
+            os.rmdir(name, dir_fd=parent)
+        else:
+            os.unlink(name, dir_fd=parent)
+        return False
+
+    def add(self, member: tarfile.TarInfo, source: Optional[IO[bytes]]) -> None:
+        parts = member_parts(member.name)
+        if not parts:
+            self.deferred.append(((), member))
+            return
+        parent = self.dir_fd(parts[:-1], member.name)
+        name = parts[-1]
+        if member.isdir():
+            if not self.clear(parent, name, parts, keep_dir=True):
+                os.mkdir(name, 0o700, dir_fd=parent)
+            self.deferred.append((parts, member))
+            return
+        self.clear(parent, name, parts, keep_dir=False)
+        if member.islnk():
+            self.link(member, parent, name)
+            return
+        if member.issym():
+            os.symlink(member.linkname.encode("utf-8", "surrogateescape"), name, dir_fd=parent)
+        elif member.isreg():
+            self.write_file(member, parent, name, source)
+            return
+        elif member.ischr() or member.isblk():
+            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            os.mknod(name, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=parent)
+        elif member.isfifo():
+            os.mkfifo(name, 0o600, dir_fd=parent)
+        else:
+            raise DownloadError(f"Unsupported member type in the rootfs tarball: {member.name}")
+        self.set_owner(member, lambda u, g: os.chown(name, u, g, dir_fd=parent, follow_symlinks=False))
+        if not member.issym():
+            os.chmod(name, member.mode & 0o7777, dir_fd=parent)
+            entry = b"/proc/self/fd/%d/%s" % (parent, name)  # setxattr has no dir_fd
+            self.set_xattrs(member, lambda k, v: os.setxattr(entry, k, v, follow_symlinks=False))
+        os.utime(name, ns=(member.mtime * 10**9,) * 2, dir_fd=parent, follow_symlinks=False)
+
+    def link(self, member: tarfile.TarInfo, parent: int, name: bytes) -> None:
+        target = member_parts(member.linkname)
+        if not target:
+            raise DownloadError(f"Refusing hard link to the rootfs itself: {member.name}")
+        target_parent = self.dir_fd(target[:-1], member.name)
+        try:
+            os.link(target[-1], name, src_dir_fd=target_parent, dst_dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            raise DownloadError(f"Hard link target missing in the rootfs tarball: {member.name} -> "
+                                f"{member.linkname}") from None
+
+    def write_file(self, member: tarfile.TarInfo, parent: int, name: bytes, source: Optional[IO[bytes]]) -> None:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=parent)
+        try:
+            if source is not None:
+                with open(fd, "wb", closefd=False, buffering=0) as out:
+                    shutil.copyfileobj(source, out, CHUNK)
+            self.set_metadata(fd, member)
+        finally:
+            os.close(fd)
+
+    def set_metadata(self, fd: int, member: tarfile.TarInfo) -> None:
+        """Owner first (chown clears setuid bits and capabilities), then mode, xattrs, mtime."""
+        self.set_owner(member, lambda u, g: os.fchown(fd, u, g))
+        os.fchmod(fd, member.mode & 0o7777)
+        self.set_xattrs(member, lambda k, v: os.setxattr(fd, k, v))
+        os.utime(fd, ns=(member.mtime * 10**9,) * 2)
+
+    def set_owner(self, member: tarfile.TarInfo, chown: Callable[[int, int], None]) -> None:
+        if not self.privileged:
+            return
+        try:
+            chown(member.uid, member.gid)
+        except OSError as e:
+            raise DownloadError(f"Unable to set owner {member.uid}:{member.gid} of {member.name}: "
+                                f"{e.strerror}") from None
+
+    def set_xattrs(self, member: tarfile.TarInfo, setxattr: Callable[[str, bytes], None]) -> None:
+        for key, value in member_xattrs(member):
+            try:
+                setxattr(key, value)
+            except OSError as e:
+                self.xattr_failures.append(f"{key} on {member.name}: {e.strerror}")
+
+    def finish(self) -> None:
+        """Directory modes and times last, deepest first, so read-only directories can be filled."""
+        for parts, member in reversed(self.deferred):
+            self.set_metadata(self.dir_fd(parts, member.name), member)
+        if self.xattr_failures:
+            self.console.warn(f"Could not restore {len(self.xattr_failures)} extended attribute(s), "
+                              f"e.g. {self.xattr_failures[0]}")
+
+
+def member_xattrs(member: tarfile.TarInfo) -> Iterator[Tuple[str, bytes]]:
+    """Extended attributes as GNU tar (SCHILY) or libarchive record them in pax headers."""
+    import base64
+    from urllib.parse import unquote
+
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            yield key[len("SCHILY.xattr."):], value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            yield unquote(key[len("LIBARCHIVE.xattr."):]), base64.b64decode(value + "==")
+
+
+def open_tar_stream(tarball: Path) -> Tuple[IO[bytes], Callable[[], None]]:
+    """The decompressed tar stream: parallel `xz -T0` when present, the stdlib's lzma otherwise."""
+    xz = shutil.which("xz")
+    if xz:
+        import subprocess
+
+        proc = subprocess.Popen([xz, "-dc", "-T0", "--", str(tarball)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, bufsize=CHUNK)
+        assert proc.stdout is not None and proc.stderr is not None
+
+        def finish() -> None:
+            assert proc.stdout is not None and proc.stderr is not None
+            rest = proc.stdout.read(CHUNK)
+            proc.stdout.close()
+            error = proc.stderr.read().decode(errors="replace").strip()
+            proc.stderr.close()
+            if proc.wait() != 0 and not rest:
+                raise DownloadError(f"Invalid rootfs tarball: {error or 'xz failed'}")
+
+        return proc.stdout, finish
+    import lzma
+
+    stream = lzma.open(tarball, "rb")
+    return stream, stream.close
+
+
+def unpack_rootfs(tarball: Path, rootfs: Path, excludes: Sequence[str], console: Console) -> None:
+    import lzma
+    import tarfile
+
+    console.say("Unpacking the rootfs")
+    stream, finish = open_tar_stream(tarball)
+    writer = RootfsWriter(rootfs, console)
+    try:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape",
+                              bufsize=CHUNK) as tar:
+                for member in tar:
+                    if excludes and excluded(member.name, excludes):
+                        continue
+                    writer.add(member, tar.extractfile(member) if member.isreg() else None)
+        except (tarfile.TarError, EOFError, lzma.LZMAError) as e:
+            raise DownloadError(f"Invalid rootfs tarball: {e}") from None
+        finally:
+            finish()
+        writer.finish()
+        dev = writer.dir_fd((b"dev",), "dev")
+        try:
+            os.mkdir(b"pts", 0o755, dir_fd=dev)
+        except FileExistsError:
+            pass
+    finally:
+        writer.close()
+
+
+# ---------------------------------------------------------------------------
+# Configure
+# ---------------------------------------------------------------------------
+
+def write_config(path: Path, name: str, config_file: Path, fstab: Path) -> None:
+    """Distribution config first, then the container's own lines, then its network (§10.2)."""
+    config = path / "config"
+    lines = config.read_text().splitlines(keepends=True) if config.exists() else []
+    network = [line for line in lines if re.search(r"lxc.net.0", line)]
+    rest = [line for line in lines if not re.search(r"lxc.net.0", line)]
+    auto = [line for line in rest if re.search(r"lxc.", line)]
+    kept = [line for line in rest if not re.search(r"lxc.", line)]
+    out = kept + ["\n", "# Distribution configuration\n", config_file.read_text()]
+    out += ["\n", "# Container specific configuration\n", *auto]
+    if fstab.exists():
+        out.append(f"lxc.mount.fstab = {path}/fstab\n")
+    out.append(f"lxc.uts.name = {name}\n")
+    if network:
+        out += ["\n", "# Network configuration\n", *network]
+    config.write_text("".join(out))
+
+
+def substitutions(opts: argparse.Namespace) -> List[Tuple[bytes, bytes]]:
+    values = [
+        ("LXC_NAME", opts.name),
+        ("LXC_PATH", opts.path),
+        ("LXC_ROOTFS", opts.rootfs),
+        ("LXC_TEMPLATE_CONFIG", os.environ.get("LXC_TEMPLATE_CONFIG") or "/usr/share/lxc/config"),
+        ("LXC_HOOK_DIR", os.environ.get("LXC_HOOK_DIR") or "/usr/share/lxc/hooks"),
+    ]
+    return [(k.encode(), os.fsencode(v)) for k, v in values]
+
+
+def rewrite_fd(fd: int, edit: Callable[[bytes], bytes]) -> None:
+    with open(fd, "r+b", closefd=False) as f:
+        data = f.read()
+        new = edit(data)
+        if new != data:
+            f.seek(0)
+            f.write(new)
+            f.truncate()
+
+
+def rootfs_regular_file(rootfs: Path, relative: str) -> Optional[int]:
+    """An fd for a regular file inside the rootfs, reached without following any link; else None."""
+    parts = [p for p in os.fsencode(relative).split(b"/") if p not in (b"", b".")]
+    if not parts or b".." in parts:
+        return None
+    fd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        target = os.open(parts[-1], os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(os.fstat(target).st_mode):
+        os.close(target)
+        return None
+    return target
+
+
+def apply_templates(opts: argparse.Namespace, cache: Path, mode: Mode) -> None:
+    """Replace the LXC_* placeholders in the config, the fstab and the image's template files."""
+    subs = substitutions(opts)
+
+    def edit(data: bytes) -> bytes:
+        for key, value in subs:
+            data = data.replace(key, value)
+        return data
+
+    targets: List[int] = []
+    for own in (Path(opts.path) / "config", Path(opts.path) / "fstab"):
+        if own.is_file():
+            targets.append(os.open(own, os.O_RDWR | os.O_CLOEXEC))
+    templates = relevant_file(cache, "templates", mode)
+    if templates.is_file():
+        for line in templates.read_text(errors="surrogateescape").splitlines():
+            fd = rootfs_regular_file(Path(opts.rootfs), line.strip()) if line.strip() else None
+            if fd is not None:
+                targets.append(fd)
+    for fd in targets:
+        try:
+            rewrite_fd(fd, edit)
+        finally:
+            os.close(fd)
+    tty = rootfs_regular_file(Path(opts.rootfs), "etc/init/tty.conf")
+    if tty is not None:
+        try:
+            rewrite_fd(tty, lambda d: re.sub(rb"(?m)^(.*?)mingetty", rb"\1mingetty --nohangup", d))
+        finally:
+            os.close(tty)
+
+
+def configure(opts: argparse.Namespace, cache: Path, mode: Mode, console: Console) -> None:
+    config_file = relevant_file(cache, "config", mode)
+    fstab = relevant_file(cache, "fstab", mode)
+    if not config_file.is_file():
+        raise DownloadError("meta tarball is missing the configuration file")
+    path = Path(opts.path)
+    write_config(path, opts.name, config_file, fstab)
+    if fstab.is_file():
+        shutil.copyfile(fstab, path / "fstab")
+    apply_templates(opts, cache, mode)
+    if opts.mapped_uid >= 0 or opts.mapped_gid >= 0:
+        for own in (path / "config", path / "fstab"):
+            try:
+                os.chown(own, opts.mapped_uid, opts.mapped_gid)
+            except OSError:
+                pass
+    message = relevant_file(cache, "create-message", mode)
+    if message.is_file():
+        console.say("")
+        console.say("---")
+        console.out.write(message.read_text(errors="replace"))
+        console.out.flush()
+
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+def choose_image(opts: argparse.Namespace, server: ImageServer, console: Console, workdir: Path) -> Image:
+    """Use the image named on the command line; ask for missing parts (interactive mode)."""
+    variant = opts.variant or "default"
+    if opts.dist and opts.release and opts.arch:
+        return Image(opts.dist, opts.release, opts.arch, variant)
+    entries = server.index(workdir)
+    console.say(format_listing(select_entries(entries, opts.dist, opts.release, opts.arch, opts.variant)))
+    console.say("")
+    answers = {}
+    for label, prompt in (("dist", "Distribution"), ("release", "Release"), ("arch", "Architecture")):
+        answers[label] = getattr(opts, label) or ask(prompt, console)
+        check_path_component(label, answers[label])
+    console.say("")
+    return Image(answers["dist"], answers["release"], answers["arch"], variant)
+
+
+def run(opts: argparse.Namespace, console: Console) -> None:
+    import tempfile
+    from contextlib import ExitStack
+
+    mode = detect_mode(opts.mapped_uid)
+    if opts.no_validate:
+        console.warn("Running without gpg validation!")
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxc-download.")))
+        keyring = None if opts.no_validate else stack.enter_context(Keyring(console, opts))
+        server = ImageServer(console, opts, mode, keyring)
+        if opts.list:
+            entries = server.index(workdir)
+            console.say(format_listing(select_entries(entries, opts.dist, opts.release, opts.arch, opts.variant)))
+            return
+        image = choose_image(opts, server, console, workdir)
+        base = cache_base(mode)
+        cache = image.cache_dir(base)
+        with CacheLock(cache):
+            recover_cache(cache)
+            prepare_cache(server, image, base, opts, console, workdir)
+            excludes = read_excludes(relevant_file(cache, "excludes", mode))
+            unpack_rootfs(cache / "rootfs.tar.xz", Path(opts.rootfs), excludes, console)
+        configure(opts, cache, mode, console)
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)
+    try:
+        opts = parse_options(sys.argv[1:] if argv is None else argv)
+        console = Console(sys.stdout, verbose=opts.verbose)
+        run(opts, console)
+        return 0
+    except DownloadError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+    except Interrupted as e:
+        print(f"ERROR: Interrupted by {e}, temporary files removed", file=sys.stderr)
+        return 130
+    except OSError as e:
+        where = f": {os.fsdecode(e.filename)}" if e.filename else ""
+        print(f"ERROR: {e.strerror or e}{where}", file=sys.stderr)
+    except Exception as e:  # the user gets a message, never a traceback
+        print(f"ERROR: Unexpected {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
