@@ -20,6 +20,7 @@ import signal
 import stat
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, NoReturn, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -496,29 +497,39 @@ class Keyring:
 class ImageServer:
     """The image server as this run sees it: its URL, its (verified) index, and its files."""
 
-    def __init__(self, console: Console, opts: argparse.Namespace, mode: Mode, keyring: Optional[Keyring]) -> None:
+    def __init__(self, console: Console, opts: argparse.Namespace, mode: Mode, stack: ExitStack) -> None:
         self.console = console
+        self.opts = opts
         self.base = server_url(opts.server)
         self.mode = mode
-        self.keyring = keyring
+        self.stack = stack
         self.fetcher = Fetcher(console, opts.timeout)
+        self._keyring: Optional[Keyring] = None
         self._index: Optional[List[IndexEntry]] = None
+
+    def keyring(self) -> Keyring:
+        """Set up on first use, so a run served from the cache needs no keyserver."""
+        if self._keyring is None:
+            self._keyring = self.stack.enter_context(Keyring(self.console, self.opts))
+        return self._keyring
 
     def fetch_verified(self, url: str, dest: Path, label: str, required: bool = True) -> bool:
         """Fetch a file and, when validating, its detached signature; verify them."""
         if not self.fetcher.download(url, dest, required):
             return False
-        if self.keyring is None:
+        if self.opts.no_validate:
             return True
         signature = dest.with_name(dest.name + ".asc")
         if not self.fetcher.download(url + ".asc", signature, required):
             return False
-        self.keyring.verify(dest, signature, label)
+        self.keyring().verify(dest, signature, label)
         return True
 
     def index(self, workdir: Path) -> List[IndexEntry]:
         """The compat-level index, else the plain one; fetched and verified once per run."""
         if self._index is None:
+            if not self.opts.no_validate:
+                self.keyring()
             self.console.say("Downloading the image index")
             path = f"{self.base}/meta/1.0/index-{self.mode.index}"
             dest = workdir / "index"
@@ -1114,15 +1125,13 @@ def choose_image(opts: argparse.Namespace, server: ImageServer, console: Console
 
 def run(opts: argparse.Namespace, console: Console) -> None:
     import tempfile
-    from contextlib import ExitStack
 
     mode = detect_mode(opts.mapped_uid)
     if opts.no_validate:
         console.warn("Running without gpg validation!")
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxc-download.")))
-        keyring = None if opts.no_validate else stack.enter_context(Keyring(console, opts))
-        server = ImageServer(console, opts, mode, keyring)
+        server = ImageServer(console, opts, mode, stack)
         if opts.list:
             entries = server.index(workdir)
             console.say(format_listing(select_entries(entries, opts.dist, opts.release, opts.arch, opts.variant)))
