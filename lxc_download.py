@@ -20,8 +20,8 @@ import signal
 import stat
 import sys
 import time
-from contextlib import ExitStack
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Callable, NoReturn, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -87,6 +87,7 @@ class Console:
 
     out: IO[str]
     verbose: bool = False
+    progress: bool = False  # live progress lines, only when stderr is a terminal
 
     def say(self, message: str = "") -> None:
         print(message, file=self.out, flush=True)
@@ -97,6 +98,49 @@ class Console:
     def detail(self, message: str) -> None:
         if self.verbose:
             print(message, file=sys.stderr, flush=True)
+
+    def meter(self, label: str, total: Optional[int], start: int = 0) -> "Meter":
+        return Meter(label, total, start, sys.stderr if self.progress else None)
+
+
+class Meter:
+    """A live `label  done / total  pct  rate  ETA` line on a terminal; silent elsewhere."""
+
+    def __init__(self, label: str, total: Optional[int], start: int, stream: Optional[IO[str]]) -> None:
+        self.label, self.total, self.done, self.stream = label, total, start, stream
+        self.begin, self.first, self.shown = time.monotonic(), start, 0.0
+
+    def update(self, amount: int) -> None:
+        self.done += amount
+        now = time.monotonic()
+        if self.stream is not None and now - self.shown >= 0.2:
+            self.shown = now
+            self.stream.write("\r\x1b[K" + self.line(now))
+            self.stream.flush()
+
+    def line(self, now: float) -> str:
+        rate = (self.done - self.first) / max(now - self.begin, 1e-6)
+        text = f"{self.label}  {human(self.done)}"
+        if self.total:
+            left = (self.total - self.done) / rate if rate > 0 else 0
+            text += f" / {human(self.total)}  {100 * self.done // self.total:3d}%"
+            text += f"  {human(rate)}/s  ETA {int(left) // 60}:{int(left) % 60:02d}"
+        else:
+            text += f"  {human(rate)}/s"
+        return text
+
+    def close(self) -> None:
+        if self.stream is not None and self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def human(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
 
 
 # ---------------------------------------------------------------------------
@@ -124,11 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     g = p.add_argument_group("special arguments")
     g.add_argument("-l", "--list", action="store_true", help="list the available images and exit")
+    g.add_argument("--format", choices=("table", "json"), default="table",
+                   help="--list output: aligned table (default) or a JSON list for scripts")
     g = p.add_argument_group("image")
     g.add_argument("-d", "--dist", help="the name of the distribution")
     g.add_argument("-r", "--release", help="release name or version")
     g.add_argument("-a", "--arch", help="architecture of the container")
     g.add_argument("--variant", help='variant of the image (default: "default")')
+    g.add_argument("--build", metavar="ID", help="use this exact build instead of the newest (not cached)")
     g = p.add_argument_group("optional arguments")
     g.add_argument("--server", default=DEFAULT_SERVER,
                    help=f"image server: host, host:port, host/prefix or https:// URL (default: {DEFAULT_SERVER})")
@@ -295,12 +342,32 @@ def select_entries(entries: Sequence[IndexEntry], dist: Optional[str] = None, re
     return [e for e in entries if all(v is None or getattr(e, k) == v for k, v in wanted.items())]
 
 
-def newest_build(entries: Sequence[IndexEntry], image: Image) -> IndexEntry:
-    """The newest build wins (the shell took the first line, which mirrors list oldest first)."""
+def find_build(entries: Sequence[IndexEntry], image: Image, build: Optional[str] = None) -> IndexEntry:
+    """The pinned build, else the newest (the shell took the first line; mirrors list oldest first)."""
     matches = select_entries(entries, image.dist, image.release, image.arch, image.variant)
+    if build is not None:
+        pinned = [e for e in matches if e.build == build]
+        if not pinned and matches:
+            builds = ", ".join(sorted({e.build for e in matches}))
+            raise DownloadError(f"Couldn't find build {build} of the image\nAvailable builds: {builds}")
+        matches = pinned
     if not matches:
-        raise DownloadError("Couldn't find a matching image")
+        raise DownloadError("Couldn't find a matching image" + what_is_available(entries, image))
     return max(matches, key=lambda e: e.build)
+
+
+def what_is_available(entries: Sequence[IndexEntry], image: Image) -> str:
+    """Name the choices at the first part of the image the user got wrong."""
+    known: Dict[str, Optional[str]] = {}
+    for part, label in (("dist", "distributions"), ("release", "releases"), ("arch", "architectures"),
+                        ("variant", "variants")):
+        pool = select_entries(entries, **known)  # type: ignore[arg-type]
+        choices = sorted({getattr(e, part) for e in pool})
+        if getattr(image, part) not in choices:
+            where = " ".join(v for v in known.values() if v)
+            return f"\nAvailable {label}{' for ' + where if where else ''}: {', '.join(choices) or 'none'}"
+        known[part] = getattr(image, part)
+    return ""
 
 
 def image_url(base: str, entry: IndexEntry) -> str:
@@ -336,6 +403,7 @@ class Fetcher:
 
     def download(self, url: str, dest: Path, required: bool = True) -> bool:
         """Stream url to dest. A missing file returns False unless required."""
+        import http.client
         import urllib.error
 
         self.console.detail(f"Fetching {url}")
@@ -350,7 +418,7 @@ class Fetcher:
                 last = e
                 if e.code < 500 and e.code != 429:
                     break
-            except (urllib.error.URLError, OSError) as e:
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
                 if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                     raise
                 last = e
@@ -373,13 +441,18 @@ class Fetcher:
             length = response.headers.get("Content-Length")
             total = int(length) + (have if resumed else 0) if length and length.isdigit() else None
             done = have if resumed else 0
-            with open(dest, mode) as out:
-                while True:
-                    chunk = response.read(CHUNK)
-                    if not chunk:
-                        break
-                    out.write(chunk)
-                    done += len(chunk)
+            meter = self.console.meter(url.rsplit("/", 1)[-1], total, done)
+            try:
+                with open(dest, mode) as out:
+                    while True:
+                        chunk = response.read(CHUNK)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        done += len(chunk)
+                        meter.update(len(chunk))
+            finally:
+                meter.close()
             if total is not None and done < total:
                 raise OSError(errno.EPIPE, f"connection closed after {done} of {total} bytes")
 
@@ -659,25 +732,37 @@ def chown_tree(root: Path, uid: int, gid: int) -> None:
             own(os.path.join(top, name))
 
 
-def download_image(server: ImageServer, entry: IndexEntry, cache: Path, opts: argparse.Namespace) -> None:
-    """Download and verify into a sibling staging directory, then swap it in whole."""
+def fetch_image(server: ImageServer, entry: IndexEntry, dest: Path) -> None:
+    """Download and verify rootfs and meta into dest, and unpack the meta there."""
+    url = image_url(server.base, entry)
+    server.console.say("Downloading the rootfs")
+    server.fetch_verified(f"{url}/rootfs.tar.xz", dest / "rootfs.tar.xz", f"{url}/rootfs.tar.xz")
+    server.console.say("Downloading the metadata")
+    server.fetch_verified(f"{url}/meta.tar.xz", dest / "meta.tar.xz", f"{url}/meta.tar.xz")
+    extract_meta(dest / "meta.tar.xz", dest)
+    (dest / "build_id").write_text(entry.build + "\n")
+
+
+@contextmanager
+def staging_dir(cache: Path) -> Iterator[Path]:
+    """A sibling of the cache on the same filesystem, gone afterwards (or cleared by the next run)."""
     import tempfile
 
-    url = image_url(server.base, entry)
     staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.partial-", dir=cache.parent))
     try:
-        server.console.say("Downloading the rootfs")
-        server.fetch_verified(f"{url}/rootfs.tar.xz", staging / "rootfs.tar.xz", f"{url}/rootfs.tar.xz")
-        server.console.say("Downloading the metadata")
-        server.fetch_verified(f"{url}/meta.tar.xz", staging / "meta.tar.xz", f"{url}/meta.tar.xz")
-        extract_meta(staging / "meta.tar.xz", staging)
-        (staging / "build_id").write_text(entry.build + "\n")
-        staging.chmod(0o755)
-        fsync_tree(staging)
-        install_cache(staging, cache)
+        yield staging
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def download_image(server: ImageServer, entry: IndexEntry, cache: Path) -> None:
+    """The cache only ever holds a whole, verified image: build it aside, then swap it in."""
+    with staging_dir(cache) as staging:
+        fetch_image(server, entry, staging)
+        staging.chmod(0o755)
+        fsync_tree(staging)
+        install_cache(staging, cache)
 
 
 def fsync_tree(directory: Path) -> None:
@@ -719,7 +804,7 @@ def prepare_cache(server: ImageServer, image: Image, base: Path, opts: argparse.
     if use_cache:
         console.say("Using image from local cache")
         return
-    entry = newest_build(server.index(workdir), image)
+    entry = find_build(server.index(workdir), image)
     cached = read_build_id(cache) if cache_complete(cache, mode) else None
     if cached == entry.build:
         console.say("The cache is already up to date")
@@ -730,7 +815,7 @@ def prepare_cache(server: ImageServer, image: Image, base: Path, opts: argparse.
                      f"({cached}); keeping the cached build")
         console.say("Using image from local cache")
         return
-    download_image(server, entry, cache, opts)
+    download_image(server, entry, cache)
     if opts.mapped_uid >= 0 or opts.mapped_gid >= 0:
         chown_tree(base, opts.mapped_uid, opts.mapped_gid)
     console.say("The image cache is now ready")
@@ -1133,18 +1218,28 @@ def run(opts: argparse.Namespace, console: Console) -> None:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxc-download.")))
         server = ImageServer(console, opts, mode, stack)
         if opts.list:
-            entries = server.index(workdir)
-            console.say(format_listing(select_entries(entries, opts.dist, opts.release, opts.arch, opts.variant)))
+            entries = select_entries(server.index(workdir), opts.dist, opts.release, opts.arch, opts.variant)
+            if opts.format == "json":
+                import json
+
+                print(json.dumps([asdict(e) for e in entries], indent=2))
+            else:
+                console.say(format_listing(entries))
             return
         image = choose_image(opts, server, console, workdir)
         base = cache_base(mode)
         cache = image.cache_dir(base)
         with CacheLock(cache):
             recover_cache(cache)
-            prepare_cache(server, image, base, opts, console, workdir)
-            excludes = read_excludes(relevant_file(cache, "excludes", mode))
-            unpack_rootfs(cache / "rootfs.tar.xz", Path(opts.rootfs), excludes, console)
-        configure(opts, cache, mode, console)
+            if opts.build:  # a pinned build is used once and leaves the cache alone
+                source = stack.enter_context(staging_dir(cache))
+                fetch_image(server, find_build(server.index(workdir), image, opts.build), source)
+            else:
+                prepare_cache(server, image, base, opts, console, workdir)
+                source = cache
+            excludes = read_excludes(relevant_file(source, "excludes", mode))
+            unpack_rootfs(source / "rootfs.tar.xz", Path(opts.rootfs), excludes, console)
+            configure(opts, source, mode, console)
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
@@ -1156,7 +1251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(sig, _raise_interrupted)
     try:
         opts = parse_options(sys.argv[1:] if argv is None else argv)
-        console = Console(sys.stdout, verbose=opts.verbose)
+        out = sys.stderr if opts.format == "json" else sys.stdout  # stdout holds only the JSON
+        console = Console(out, verbose=opts.verbose, progress=sys.stderr.isatty())
         run(opts, console)
         return 0
     except DownloadError as e:
