@@ -1047,8 +1047,7 @@ def unpack_rootfs(tarball: Path, rootfs: Path, excludes: Sequence[str], console:
     writer = RootfsWriter(rootfs, console)
     try:
         try:
-            with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape",
-                              bufsize=CHUNK) as tar:
+            with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape") as tar:
                 for member in tar:
                     if excludes and excluded(member.name, excludes):
                         continue
