@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("image")
     g.add_argument("-d", "--dist", help="the name of the distribution")
     g.add_argument("-r", "--release", help="release name or version")
-    g.add_argument("-a", "--arch", help="architecture of the container")
+    g.add_argument("-a", "--arch", help="architecture of the container (default: this host's)")
     g.add_argument("--variant", help='variant of the image (default: "default")')
     g.add_argument("--build", metavar="ID", help="use this exact build instead of the newest (not cached)")
     g = p.add_argument_group("optional arguments")
@@ -1192,19 +1192,38 @@ def configure(opts: argparse.Namespace, cache: Path, mode: Mode, console: Consol
 # ---------------------------------------------------------------------------
 
 def choose_image(opts: argparse.Namespace, server: ImageServer, console: Console, workdir: Path) -> Image:
-    """Use the image named on the command line; ask for missing parts (interactive mode)."""
+    """The image named on the command line (the arch defaulting to the host's); else ask (§7)."""
     variant = opts.variant or "default"
-    if opts.dist and opts.release and opts.arch:
-        return Image(opts.dist, opts.release, opts.arch, variant)
+    if opts.dist and opts.release:
+        return Image(opts.dist, opts.release, opts.arch or host_arch(), variant)
     entries = server.index(workdir)
     console.say(format_listing(select_entries(entries, opts.dist, opts.release, opts.arch, opts.variant)))
     console.say("")
-    answers = {}
-    for label, prompt in (("dist", "Distribution"), ("release", "Release"), ("arch", "Architecture")):
-        answers[label] = getattr(opts, label) or ask(prompt, console)
-        check_path_component(label, answers[label])
+    known: Dict[str, str] = {}
+    for part, prompt, plural in (("dist", "Distribution", "distributions"), ("release", "Release", "releases"),
+                                 ("arch", "Architecture", "architectures")):
+        answer = getattr(opts, part)
+        if not answer:
+            default = host_arch() if part == "arch" else None
+            choices = sorted({getattr(e, part) for e in select_entries(entries, variant=variant, **known)})
+            where = f" for {' '.join(known.values())}" if known else ""
+            offer = f"Available {plural}{where}: {', '.join(choices) or 'none'}"
+            console.say(offer + (f" (default: {default})" if default else ""))
+            answer = ask(prompt, console) or default or ""
+        check_path_component(part, answer)
+        known[part] = answer
     console.say("")
-    return Image(answers["dist"], answers["release"], answers["arch"], variant)
+    return Image(known["dist"], known["release"], known["arch"], variant)
+
+
+def host_arch() -> str:
+    """This machine's architecture in the image server's naming."""
+    import platform
+
+    machine = platform.machine()
+    names = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "armhf", "armv8l": "armhf", "i686": "i386",
+             "i586": "i386", "ppc64le": "ppc64el"}
+    return names.get(machine, machine)
 
 
 def run(opts: argparse.Namespace, console: Console) -> None:

@@ -149,3 +149,36 @@ def test_pip_install_gives_an_lxc_download_command(tmp_path, env, image_server, 
                         "--keyid", gpg_keys.test_fpr], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "otheros  1.0      arm64  default  20261120_00:00" in r.stdout
+
+
+def test_arch_defaults_to_the_host_architecture(run_download, container_args, env, container):
+    import platform
+
+    expected = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine())
+    if expected != "amd64":
+        # the catalog's images are amd64: elsewhere, show the default by its error
+        r = run_download(*container_args, "-d", "testos", "-r", "stable", env=env)
+        assert "Available architectures for testos stable: amd64" in r.stderr
+        return
+    r = run_download(*container_args, "-d", "testos", "-r", "stable", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "Distribution:" not in r.stdout and "Architecture:" not in r.stdout
+    assert (container.rootfs / "etc/build").read_text().strip() == "20261127_05:24"
+
+
+def test_interactive_mode_offers_choices_and_the_default_arch(run_download, container_args, env, container):
+    r = run_download(*container_args, input="testos\nstable\n\n", env=env)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "Available distributions: otheros, single, testos" in out
+    assert "Available releases for testos: stable" in out
+    assert "Available architectures for testos stable: amd64 (default: " in out
+    assert out.index("Distribution: ") < out.index("Release: ") < out.index("Architecture: ")
+    assert (container.rootfs / "etc/build").exists()
+
+
+def test_interactive_mode_at_end_of_input_is_an_error(run_download, container_args, env):
+    r = run_download(*container_args, "-d", "testos", input="", env=env)
+    assert r.returncode == 1
+    assert "ERROR:" in r.stderr and "standard input is closed" in r.stderr
+    assert "Traceback" not in r.stderr
