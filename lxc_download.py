@@ -843,12 +843,13 @@ def excluded(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatchcase(c, p.rstrip("/")) for p in patterns for c in candidates)
 
 
-def member_parts(name: str) -> Tuple[bytes, ...]:
-    """Split a member name into safe path components, or refuse it."""
+def member_parts(name: str, member: Optional[str] = None) -> Tuple[bytes, ...]:
+    """Split a member name (or a hard link's target) into safe path components, or refuse it."""
     raw = name.encode("utf-8", "surrogateescape")
     parts = tuple(p for p in raw.split(b"/") if p not in (b"", b"."))
     if raw.startswith(b"/") or b".." in parts:
-        raise DownloadError(f"Refusing unsafe path in the rootfs tarball: {name}")
+        what = f"{member} -> {name}" if member else name
+        raise DownloadError(f"Refusing unsafe path in the rootfs tarball: {what}")
     return parts
 
 
@@ -947,7 +948,7 @@ class RootfsWriter:
         os.utime(name, ns=(member.mtime * 10**9,) * 2, dir_fd=parent, follow_symlinks=False)
 
     def link(self, member: tarfile.TarInfo, parent: int, name: bytes) -> None:
-        target = member_parts(member.linkname)
+        target = member_parts(member.linkname, member.name)
         if not target:
             raise DownloadError(f"Refusing hard link to the rootfs itself: {member.name}")
         target_parent = self.dir_fd(target[:-1], member.name)
