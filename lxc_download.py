@@ -23,7 +23,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Callable, NoReturn, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import IO, TYPE_CHECKING, Callable, Iterable, NoReturn, Dict, Iterator, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:  # heavy modules are imported where used, to keep --help fast
     import tarfile
@@ -326,9 +326,10 @@ def server_url(server: str) -> str:
     return url.rstrip("/")
 
 
-def parse_index(text: str) -> List[IndexEntry]:
+def parse_index(lines: Iterable[str]) -> List[IndexEntry]:
+    """Keep the well-formed lines; read as a stream, since an index can be large."""
     entries = []
-    for line in text.splitlines():
+    for line in lines:
         fields = line.strip().split(";")
         if len(fields) != 6 or not all(fields):
             continue
@@ -612,7 +613,8 @@ class ImageServer:
                         stale.unlink()
                 if self.fetch_verified(url, dest, url, required):
                     break
-            self._index = parse_index(dest.read_text(errors="replace"))
+            with open(dest, errors="replace") as lines:
+                self._index = parse_index(lines)
         return self._index
 
 
