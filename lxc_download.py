@@ -488,10 +488,17 @@ class Keyring:
         logging.getLogger("gnupg").propagate = False
         short = "/tmp" if os.access("/tmp", os.W_OK) else None  # gpg-agent socket paths are short
         self.home = tempfile.mkdtemp(prefix="lxc-gpg.", dir=short)
-        self._write_dirmngr_conf()
-        self.gpg = gnupg.GPG(gnupghome=self.home)
-        self.console.say("Setting up the GPG keyring")
-        self._load_key()
+        try:  # a failure here must still stop the daemons and remove the home
+            self._write_dirmngr_conf()
+            try:
+                self.gpg = gnupg.GPG(gnupghome=self.home)
+            except (OSError, ValueError) as e:
+                raise DownloadError(f"Unable to run gpg ({e}); pass --no-validate to skip validation") from None
+            self.console.say("Setting up the GPG keyring")
+            self._load_key()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
