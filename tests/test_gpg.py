@@ -28,7 +28,11 @@ import support
 from support import Catalog, Container, GpgKeys, ImageServer
 
 REPO = Path(__file__).resolve().parents[1]
-BUILTIN_KEY_FILE = Path("/work/shared/keys/lxc-images.asc")
+# shared/ lies beside the checkout (CI's layout), or at the workplace's usual place
+BUILTIN_KEY_FILE = next((p for p in (REPO.parent / "shared/keys/lxc-images.asc",
+                                     Path("/work/shared/keys/lxc-images.asc")) if p.exists()),
+                        REPO.parent / "shared/keys/lxc-images.asc")
+LXC_IMAGES_FPR = "E7FB0CAEC8173D669066514CBAEFF88C22F6E216"
 TESTOS = ("-d", "testos", "-r", "stable", "-a", "amd64")
 GPG_HOME_GLOB = "/tmp/lxc-gpg.*"
 MARKER = "LXC_DOWNLOAD_TEST_RUN"
@@ -179,6 +183,19 @@ def test_builtin_key_matches_shared_key_file_byte_for_byte() -> None:
     assert lxc_download.BUILTIN_KEY.encode("ascii") == BUILTIN_KEY_FILE.read_bytes()
     # the block is in the file itself, as text (it must work copied alone onto a host)
     assert BUILTIN_KEY_FILE.read_text() in (REPO / "lxc_download.py").read_text()
+
+
+def test_builtin_key_is_the_lxc_image_signing_key(gnupghome: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    try:
+        import lxc_download
+    finally:
+        sys.path.remove(str(REPO))
+    shown = subprocess.run(["gpg", "--homedir", str(gnupghome), "--batch", "--with-colons", "--show-keys"],
+                           input=lxc_download.BUILTIN_KEY, capture_output=True, text=True, check=True).stdout
+    fprs = [line.split(":")[9] for line in shown.splitlines() if line.startswith("fpr:")]
+    assert fprs[0] == LXC_IMAGES_FPR
+    assert lxc_download.DEFAULT_KEYID == "0x" + LXC_IMAGES_FPR
 
 
 def test_keyserver_down_default_key_falls_back_to_builtin_key(
