@@ -20,6 +20,7 @@ import signal
 import stat
 import sys
 import time
+from collections import OrderedDict
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ DEFAULT_TIMEOUT = 30.0
 ATTEMPTS = 3
 MAX_CACHE_AGE = 30 * 24 * 3600  # the design note's client-side cap on a cached build
 CHUNK = 1 << 20
+OPEN_DIRS = 64  # directory descriptors kept open while unpacking
+XZ_MEMLIMIT = "80MiB"  # xz -T0 buffers whole blocks per thread: keep the run under 100 MB
 
 # The public key the image server signs with, used when no keyserver answers.
 BUILTIN_KEY = """\
@@ -793,24 +796,29 @@ def install_cache(staging: Path, cache: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def cache_is_usable(cache: Path, mode: Mode, opts: argparse.Namespace, console: Console) -> bool:
+    """Flush, force or expiry: whether the cached copy serves without asking the server."""
+    if not cache.is_dir():
+        return False
+    if opts.flush_cache:
+        console.say("Flushing the cache...")
+        shutil.rmtree(cache)
+        return False
+    if not cache_complete(cache, mode):
+        return False
+    if opts.force_cache:
+        return True
+    if cache_expired(cache, mode):
+        console.say("The cached copy has expired, re-downloading...")
+        return False
+    return True
+
+
 def prepare_cache(server: ImageServer, image: Image, base: Path, opts: argparse.Namespace,
                   console: Console, workdir: Path) -> None:
     """Decide between the cache and the server, and make the cache hold the image (§9)."""
     cache, mode = image.cache_dir(base), server.mode
-    use_cache = False
-    if cache.is_dir():
-        if opts.flush_cache:
-            console.say("Flushing the cache...")
-            shutil.rmtree(cache)
-        elif not cache_complete(cache, mode):
-            pass
-        elif opts.force_cache:
-            use_cache = True
-        elif cache_expired(cache, mode):
-            console.say("The cached copy has expired, re-downloading...")
-        else:
-            use_cache = True
-    if use_cache:
+    if cache_is_usable(cache, mode, opts, console):
         console.say("Using image from local cache")
         return
     entry = find_build(server.index(workdir), image)
@@ -873,7 +881,7 @@ class RootfsWriter:
     def __init__(self, root: Path, console: Console) -> None:
         self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.console = console
-        self.dirs: Dict[Tuple[bytes, ...], int] = {(): self.root_fd}
+        self.dirs: OrderedDict[Tuple[bytes, ...], int] = OrderedDict({(): self.root_fd})
         self.deferred: List[Tuple[Tuple[bytes, ...], tarfile.TarInfo]] = []
         self.privileged = os.geteuid() == 0
         self.xattr_failures: List[str] = []
@@ -881,12 +889,19 @@ class RootfsWriter:
     def close(self) -> None:
         for fd in self.dirs.values():
             os.close(fd)
-        self.dirs = {}
+        self.dirs.clear()
+
+    def trim(self) -> None:
+        """Keep few directories open (images have more than the fd limit); never the rootfs."""
+        while len(self.dirs) > OPEN_DIRS:
+            oldest = next(k for k in self.dirs if k)
+            os.close(self.dirs.pop(oldest))
 
     def dir_fd(self, parts: Tuple[bytes, ...], member: str) -> int:
         """The directory at parts, opened without following links (created if missing)."""
         fd = self.dirs.get(parts)
         if fd is not None:
+            self.dirs.move_to_end(parts)
             return fd
         parent = self.dir_fd(parts[:-1], member)
         try:
@@ -903,8 +918,10 @@ class RootfsWriter:
         return fd
 
     def forget(self, parts: Tuple[bytes, ...]) -> None:
+        """A directory is being replaced: drop what we hold of it and below it."""
         for key in [k for k in self.dirs if k[:len(parts)] == parts and k]:
             os.close(self.dirs.pop(key))
+        self.deferred = [d for d in self.deferred if d[0][:len(parts)] != parts]
 
     def clear(self, parent: int, name: bytes, parts: Tuple[bytes, ...], keep_dir: bool) -> bool:
         """Remove what is in the way of a new entry; True if a directory to keep is there."""
@@ -922,6 +939,7 @@ class RootfsWriter:
         return False
 
     def add(self, member: tarfile.TarInfo, source: Optional[IO[bytes]]) -> None:
+        self.trim()  # only here: descriptors handed out below stay open for this member
         parts = member_parts(member.name)
         if not parts:
             self.deferred.append(((), member))
@@ -954,7 +972,7 @@ class RootfsWriter:
             os.chmod(name, member.mode & 0o7777, dir_fd=parent)
             entry = b"/proc/self/fd/%d/%s" % (parent, name)  # setxattr has no dir_fd
             self.set_xattrs(member, lambda k, v: os.setxattr(entry, k, v, follow_symlinks=False))
-        os.utime(name, ns=(member.mtime * 10**9,) * 2, dir_fd=parent, follow_symlinks=False)
+        os.utime(name, ns=(mtime_ns(member),) * 2, dir_fd=parent, follow_symlinks=False)
 
     def link(self, member: tarfile.TarInfo, parent: int, name: bytes) -> None:
         target = member_parts(member.linkname, member.name)
@@ -983,7 +1001,7 @@ class RootfsWriter:
         self.set_owner(member, lambda u, g: os.fchown(fd, u, g))
         os.fchmod(fd, member.mode & 0o7777)
         self.set_xattrs(member, lambda k, v: os.setxattr(fd, k, v))
-        os.utime(fd, ns=(member.mtime * 10**9,) * 2)
+        os.utime(fd, ns=(mtime_ns(member),) * 2)
 
     def set_owner(self, member: tarfile.TarInfo, chown: Callable[[int, int], None]) -> None:
         if not self.privileged:
@@ -1004,10 +1022,21 @@ class RootfsWriter:
     def finish(self) -> None:
         """Directory modes and times last, deepest first, so read-only directories can be filled."""
         for parts, member in reversed(self.deferred):
+            self.trim()
             self.set_metadata(self.dir_fd(parts, member.name), member)
         if self.xattr_failures:
             self.console.warn(f"Could not restore {len(self.xattr_failures)} extended attribute(s), "
                               f"e.g. {self.xattr_failures[0]}")
+
+
+def mtime_ns(member: tarfile.TarInfo) -> int:
+    """Exact nanoseconds: GNU tar's pax `mtime` keeps a fraction a float would round."""
+    text = member.pax_headers.get("mtime")
+    if text and re.fullmatch(r"-?\d+(\.\d+)?", text):
+        whole, _, fraction = text.partition(".")
+        ns = abs(int(whole)) * 10**9 + int((fraction + "0" * 9)[:9])
+        return -ns if whole.startswith("-") else ns
+    return int(member.mtime) * 10**9
 
 
 def member_xattrs(member: tarfile.TarInfo) -> Iterator[Tuple[str, bytes]]:
@@ -1022,30 +1051,41 @@ def member_xattrs(member: tarfile.TarInfo) -> Iterator[Tuple[str, bytes]]:
             yield unquote(key[len("LIBARCHIVE.xattr."):]), base64.b64decode(value + "==")
 
 
-def open_tar_stream(tarball: Path) -> Tuple[IO[bytes], Callable[[], None]]:
-    """The decompressed tar stream: parallel `xz -T0` when present, the stdlib's lzma otherwise."""
+@contextmanager
+def tar_stream(tarball: Path) -> Iterator[IO[bytes]]:
+    """The decompressed tar stream: parallel `xz -T0` when present, the stdlib's lzma otherwise.
+
+    The whole stream is read to its end, so the xz integrity check covers all of it.
+    """
     xz = shutil.which("xz")
-    if xz:
-        import subprocess
+    if not xz:
+        import lzma
 
-        proc = subprocess.Popen([xz, "-dc", "-T0", "--", str(tarball)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, bufsize=CHUNK)
-        assert proc.stdout is not None and proc.stderr is not None
+        with lzma.open(tarball, "rb") as stream:
+            yield stream
+            while stream.read(CHUNK):
+                pass
+        return
+    import subprocess
 
-        def finish() -> None:
-            assert proc.stdout is not None and proc.stderr is not None
-            rest = proc.stdout.read(CHUNK)
-            proc.stdout.close()
-            error = proc.stderr.read().decode(errors="replace").strip()
-            proc.stderr.close()
-            if proc.wait() != 0 and not rest:
-                raise DownloadError(f"Invalid rootfs tarball: {error or 'xz failed'}")
-
-        return proc.stdout, finish
-    import lzma
-
-    stream = lzma.open(tarball, "rb")
-    return stream, stream.close
+    # Parallel over the image's xz blocks, within a memory bound (xz drops threads to keep it).
+    proc = subprocess.Popen([xz, "-dc", "-T0", f"--memlimit-mt-decompress={XZ_MEMLIMIT}", "--", str(tarball)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        yield proc.stdout
+        while proc.stdout.read(CHUNK):
+            pass
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        proc.stdout.close()
+        error = proc.stderr.read().decode(errors="replace").strip()
+        proc.stderr.close()
+        code = proc.wait()
+    if code != 0:
+        raise DownloadError(f"Invalid rootfs tarball: {error or 'xz failed'}")
 
 
 def unpack_rootfs(tarball: Path, rootfs: Path, excludes: Sequence[str], console: Console) -> None:
@@ -1053,19 +1093,17 @@ def unpack_rootfs(tarball: Path, rootfs: Path, excludes: Sequence[str], console:
     import tarfile
 
     console.say("Unpacking the rootfs")
-    stream, finish = open_tar_stream(tarball)
     writer = RootfsWriter(rootfs, console)
     try:
         try:
-            with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape") as tar:
+            with tar_stream(tarball) as stream, tarfile.open(fileobj=stream, mode="r|", encoding="utf-8",
+                                                             errors="surrogateescape") as tar:
                 for member in tar:
                     if excludes and excluded(member.name, excludes):
                         continue
                     writer.add(member, tar.extractfile(member) if member.isreg() else None)
         except (tarfile.TarError, EOFError, lzma.LZMAError) as e:
             raise DownloadError(f"Invalid rootfs tarball: {e}") from None
-        finally:
-            finish()
         writer.finish()
         dev = writer.dir_fd((b"dev",), "dev")
         try:

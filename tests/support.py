@@ -563,6 +563,8 @@ BUSYBOX_APPLETS = ("sh", "hostname", "cat", "ls", "stat", "id", "true", "sleep",
                    "echo", "readlink")
 FIXED_MTIME = 1764201600  # 2025-11-27: every entry gets it, so trees are comparable
 OLD_MTIME = 946684800  # 2000-01-01: etc/old-file
+SUBSECOND_FILE = "etc/subsecond"  # a real tree's mtimes have fractions (GNU tar keeps ns in pax)
+SUBSECOND_MTIME_NS = FIXED_MTIME * 10**9 + 123456789
 LONG_DIR = "usr/share/long/" + "d" * 60 + "/" + "e" * 60  # path well over 100 chars
 LONG_NAME = "n" * 200  # one 200-char component
 NON_ASCII = "données/über-ñ.txt"
@@ -665,7 +667,9 @@ def build_rootfs(dest: Path, build_id: str, tty_conf: bool = False,
         _write(root, rel, data)
     if hook is not None:
         hook(root)
+    _write(root, SUBSECOND_FILE, "modified at a fraction of a second\n")
     _set_mtimes(root, {"etc/old-file": OLD_MTIME})
+    os.utime(str(root / SUBSECOND_FILE), ns=(SUBSECOND_MTIME_NS, SUBSECOND_MTIME_NS))
     return root
 
 
@@ -953,7 +957,7 @@ def _xattrs(path: str) -> Dict[str, bytes]:
 
 def tree_snapshot(root: Path, xattrs: bool = True) -> Dict[str, Dict[str, Any]]:
     """Per relative path ('.' is the root): type, mode (incl. setuid/setgid/sticky),
-    uid, gid, size (files), target (symlinks), rdev (major, minor), mtime (int), links
+    uid, gid, size (files), target (symlinks), rdev (major, minor), mtime (ns), links
     (the tree's paths sharing this inode, hard links only) and xattrs."""
     root_s = str(root)
     snap: Dict[str, Dict[str, Any]] = {}
@@ -970,7 +974,7 @@ def tree_snapshot(root: Path, xattrs: bool = True) -> Dict[str, Dict[str, Any]]:
                 "target": os.readlink(full) if kind == "symlink" else None,
                 "rdev": (os.major(st.st_rdev), os.minor(st.st_rdev))
                 if kind in ("char", "block") else None,
-                "mtime": int(st.st_mtime), "links": None,
+                "mtime": st.st_mtime_ns, "links": None,
                 "xattrs": _xattrs(full) if xattrs else None,
             }
             if kind != "dir" and st.st_nlink > 1:

@@ -42,7 +42,7 @@ def test_source_tree_has_every_hard_case(catalog: Catalog) -> None:
     assert snap["home/user/other-gid"]["uid"] == 1000 and snap["home/user/other-gid"]["gid"] == 1001
     assert snap[support.XATTR_FILE]["xattrs"] == {"user.test": b"hello"}
     assert snap[support.CAP_FILE]["xattrs"] == {"security.capability": support.CAP_NET_RAW_EP}
-    assert snap["etc/old-file"]["mtime"] == support.OLD_MTIME
+    assert snap["etc/old-file"]["mtime"] == support.OLD_MTIME * 10**9
     assert support.NON_ASCII in snap and "usr/share/long/" + support.LONG_NAME in snap
     assert len(support.LONG_DIR + "/file-in-long-dir") > 100
     assert "etc/init/tty.conf" not in snap

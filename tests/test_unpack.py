@@ -115,7 +115,8 @@ def test_rootfs_equals_shell_template_tree_plus_xattrs(
                                                          "usr/share/hard/b.txt")
         assert (snap["home/user/file.txt"]["uid"], snap["home/user/file.txt"]["gid"]) == (1000, 1000)
         assert snap["home/user/other-gid"]["gid"] == 1001
-        assert snap["etc/old-file"]["mtime"] == support.OLD_MTIME
+        assert snap["etc/old-file"]["mtime"] == support.OLD_MTIME * 10**9
+        assert snap[support.SUBSECOND_FILE]["mtime"] == support.SUBSECOND_MTIME_NS
         assert support.LONG_DIR + "/file-in-long-dir" in snap
         assert "usr/share/long/" + support.LONG_NAME in snap
         assert support.NON_ASCII in snap
