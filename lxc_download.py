@@ -1051,6 +1051,33 @@ def member_xattrs(member: tarfile.TarInfo) -> Iterator[Tuple[str, bytes]]:
             yield unquote(key[len("LIBARCHIVE.xattr."):]), base64.b64decode(value + "==")
 
 
+class ForwardReader:
+    """A pipe that tarfile's seekable mode can read, since it only ever seeks forward.
+
+    tarfile's own stream mode ("r|") copies its buffer on every 512-byte header read.
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.pos += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        target = offset + (self.pos if whence == os.SEEK_CUR else 0)
+        if whence == os.SEEK_END or target < self.pos:
+            raise OSError(errno.ESPIPE, "the rootfs tarball stream cannot seek backwards")
+        while self.pos < target and self.read(min(CHUNK, target - self.pos)):
+            pass
+        return self.pos
+
+
 @contextmanager
 def tar_stream(tarball: Path) -> Iterator[IO[bytes]]:
     """The decompressed tar stream: parallel `xz -T0` when present, the stdlib's lzma otherwise.
@@ -1096,9 +1123,13 @@ def unpack_rootfs(tarball: Path, rootfs: Path, excludes: Sequence[str], console:
     writer = RootfsWriter(rootfs, console)
     try:
         try:
-            with tar_stream(tarball) as stream, tarfile.open(fileobj=stream, mode="r|", encoding="utf-8",
-                                                             errors="surrogateescape") as tar:
-                for member in tar:
+            with tar_stream(tarball) as stream, tarfile.open(fileobj=ForwardReader(stream), mode="r:",
+                                                             encoding="utf-8", errors="surrogateescape") as tar:
+                while True:
+                    member = tar.next()
+                    if member is None:
+                        break
+                    tar.members.clear()  # tarfile keeps every member it read: memory must not grow
                     if excludes and excluded(member.name, excludes):
                         continue
                     writer.add(member, tar.extractfile(member) if member.isreg() else None)
