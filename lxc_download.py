@@ -656,20 +656,36 @@ def ask(prompt: str, console: Console) -> str:
 class CacheLock:
     """One creator at a time per image, so an image is downloaded once and never replaced mid-unpack."""
 
-    def __init__(self, cache: Path) -> None:
+    def __init__(self, cache: Path, owner: Tuple[int, int]) -> None:
         self.path = cache.with_name(f".{cache.name}.lock")
+        self.owner = owner
         self.fd = -1
 
     def __enter__(self) -> CacheLock:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent, self.owner)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc: object) -> None:
         os.close(self.fd)
+
+
+def make_dirs(path: Path, owner: Tuple[int, int]) -> None:
+    """mkdir -p that hands each directory it makes (~/.cache too) to the mapped user, if any."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+        if owner != (-1, -1):
+            try:
+                os.chown(directory, *owner)
+            except OSError:
+                pass
 
 
 def recover_cache(cache: Path) -> None:
@@ -1326,7 +1342,7 @@ def run(opts: argparse.Namespace, console: Console) -> None:
         image = choose_image(opts, server, console, workdir)
         base = cache_base(mode)
         cache = image.cache_dir(base)
-        with CacheLock(cache):
+        with CacheLock(cache, (opts.mapped_uid, opts.mapped_gid)):
             recover_cache(cache)
             if opts.build:  # a pinned build is used once and leaves the cache alone
                 source = stack.enter_context(staging_dir(cache))

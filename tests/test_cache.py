@@ -529,7 +529,9 @@ def test_user_namespace_caches_in_home_with_user_index_and_files(
     assert not os.path.lexists(str(c1.rootfs / "dev/loop9"))
     assert (c1.rootfs / "etc/build").read_text() == "20261127_00:00\n"
     # the cache is handed to the user who asked for it (--mapped-uid/gid)
-    for p in (userns.home / ".cache" / "lxc", cache, cache / "build_id", cache / "rootfs.tar.xz"):
+    # ... and so is ~/.cache if the run made it (the shell leaves it to the container's root)
+    for p in (userns.home / ".cache", userns.home / ".cache" / "lxc", cache, cache / "build_id",
+              cache / "rootfs.tar.xz"):
         st = os.stat(str(p))
         assert (st.st_uid, st.st_gid) == (userns.user.pw_uid, userns.user.pw_gid), p
 
