@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -131,3 +132,13 @@ def gnupghome() -> Iterator[Path]:
     yield home
     support.kill_gpg_daemons(home)
     shutil.rmtree(str(home), ignore_errors=True)
+
+
+@pytest.fixture
+def reap_our_gpg_daemons(env: Dict[str, str]) -> Iterator[None]:
+    """Mark each run's environment; at teardown stop what still carries the mark and remove
+    the lxc-gpg home it names, so a leak found by one test does not pile up (the tests
+    still see the leak: this runs after them)."""
+    env[support.RUN_MARKER] = uuid.uuid4().hex
+    yield
+    support.reap_marked(env[support.RUN_MARKER])

@@ -9,15 +9,18 @@ by hand.  Everything is real: openssl, gpg, tar, xz, sockets.  Needs root (mknod
 from __future__ import annotations
 
 import fnmatch
+import io
 import http.server
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import stat
 import struct
 import subprocess
+import tarfile
 import tempfile
 import threading
 import time
@@ -1002,3 +1005,51 @@ def diff_snapshots(a: Dict[str, Dict[str, Any]], b: Dict[str, Dict[str, Any]],
             if k not in ignore_fields and a[p][k] != b[p].get(k):
                 out.append("%s: %s %r != %r" % (p, k, a[p][k], b[p].get(k)))
     return out
+
+
+# ---------------------------------------------------------------------------
+# Processes a test run started, and hand-made tarballs
+# ---------------------------------------------------------------------------
+
+RUN_MARKER = "LXC_DOWNLOAD_TEST_RUN"  # env var every run of a test carries (see conftest)
+
+
+def processes_with_marker(value: str) -> List[Tuple[int, str]]:
+    """Live processes whose environment carries RUN_MARKER=value (gpg daemons included)."""
+    needle = ("%s=%s" % (RUN_MARKER, value)).encode()
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/environ" % pid, "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open("/proc/%s/cmdline" % pid, "rb") as f:
+                found.append((int(pid), f.read().replace(b"\0", b" ").decode(errors="replace")))
+        except OSError:
+            continue
+    return found
+
+
+def reap_marked(value: str) -> None:
+    """Stop what a run left (a SIGKILLed run cannot stop its gpg daemons) and remove its
+    lxc-gpg home."""
+    for pid, cmdline in processes_with_marker(value):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
+        m = re.search(r"--homedir (/tmp/lxc-gpg\.\S+)", cmdline)
+        if m:
+            shutil.rmtree(m.group(1), ignore_errors=True)
+
+
+def write_tar_xz(path: Path, members: Sequence[Tuple[tarfile.TarInfo, Optional[bytes]]]) -> None:
+    """A hand-made (e.g. hostile) pax tarball, xz-compressed as distrobuilder does."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    with open(str(path), "wb") as out:
+        subprocess.run(["xz", "--threads=0", "-c"], input=buf.getvalue(), stdout=out, check=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import os
 import pwd
-import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -34,7 +33,9 @@ TESTOS = ("-d", "testos", "-r", "stable", "-a", "amd64")
 SINGLE = ("-d", "single", "-r", "one", "-a", "amd64")
 OLD_BUILD = "20261101_00:00"
 NEW_BUILD = "20261127_05:24"
-MARKER = "LXC_DOWNLOAD_TEST_RUN"
+MARKER = support.RUN_MARKER
+pytestmark = pytest.mark.usefixtures("reap_our_gpg_daemons")
+processes_with_marker = support.processes_with_marker
 GPG_HOME_GLOB = "/tmp/lxc-gpg.*"
 DAY = 24 * 3600
 
@@ -94,39 +95,7 @@ def publish_index(server: ImageServer, keys: GpgKeys, entries: List[support.Inde
     support.write_index(server.docroot, "system", entries, compat=True, keys=keys)
 
 
-def processes_with_marker(value: str) -> List[Tuple[int, str]]:
-    """Live processes whose environment carries our run's marker (gpg daemons included)."""
-    needle = ("%s=%s" % (MARKER, value)).encode()
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open("/proc/%s/environ" % pid, "rb") as f:
-                if needle not in f.read().split(b"\0"):
-                    continue
-            with open("/proc/%s/cmdline" % pid, "rb") as f:
-                found.append((int(pid), f.read().replace(b"\0", b" ").decode(errors="replace")))
-        except OSError:
-            continue
-    return found
 
-
-@pytest.fixture(autouse=True)
-def reap_our_gpg_daemons(env: Dict[str, str]) -> Iterator[None]:
-    """A SIGKILLed run cannot stop the gpg daemons it started: every run carries a marker
-    in its environment, and at teardown what still carries it is stopped and its
-    lxc-gpg home removed."""
-    env[MARKER] = uuid.uuid4().hex
-    yield
-    for pid, cmdline in processes_with_marker(env[MARKER]):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
-        m = re.search(r"--homedir (/tmp/lxc-gpg\.\S+)", cmdline)
-        if m:
-            shutil.rmtree(m.group(1), ignore_errors=True)
 
 
 def start_download(args: List[str], env: Dict[str, str], cwd: Path) -> subprocess.Popen:

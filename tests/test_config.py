@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
@@ -195,13 +194,6 @@ def host_dir() -> Iterator[Path]:
     shutil.rmtree(str(d), ignore_errors=True)
 
 
-def _write_tar_xz(path: Path, members: List[Member]) -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, data in members:
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    with open(str(path), "wb") as out:
-        subprocess.run(["xz", "-c"], input=buf.getvalue(), stdout=out, check=True)
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +223,7 @@ def cfg_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki, gpg_keys: Gpg
         gpg_keys.sign(out / "meta.tar.xz")
     for release, (members, _) in _bad_metas(str(host_dir)).items():
         out = place(release)
-        _write_tar_xz(out / "meta.tar.xz", members)
+        support.write_tar_xz(out / "meta.tar.xz", members)
         gpg_keys.sign(out / "meta.tar.xz")
 
     spec = support.ImageSpec("cfg", "tmpl", "amd64", BUILD, tty_conf=True, extra_files={

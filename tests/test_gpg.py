@@ -14,13 +14,11 @@ import glob
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
-from typing import Dict, Iterator, List, Set, Tuple
+from typing import Dict, List, Set, Tuple
 
 import pytest
 
@@ -35,7 +33,9 @@ BUILTIN_KEY_FILE = next((p for p in (REPO.parent / "shared/keys/lxc-images.asc",
 LXC_IMAGES_FPR = "E7FB0CAEC8173D669066514CBAEFF88C22F6E216"
 TESTOS = ("-d", "testos", "-r", "stable", "-a", "amd64")
 GPG_HOME_GLOB = "/tmp/lxc-gpg.*"
-MARKER = "LXC_DOWNLOAD_TEST_RUN"
+MARKER = support.RUN_MARKER
+pytestmark = pytest.mark.usefixtures("reap_our_gpg_daemons")
+processes_with_marker = support.processes_with_marker
 
 
 # ---------------------------------------------------------------------------
@@ -92,39 +92,7 @@ def daemons() -> Set[str]:
     return {ln for ln in pgrep("gpg-agent") | pgrep("dirmngr") if "lxc-gpg." in ln}
 
 
-def processes_with_marker(marker: str) -> List[Tuple[int, str]]:
-    """Live processes whose environment carries marker (any descendant of our run)."""
-    found = []
-    needle = marker.encode()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open("/proc/%s/environ" % pid, "rb") as f:
-                environ = f.read()
-            if needle in environ:
-                with open("/proc/%s/cmdline" % pid, "rb") as f:
-                    found.append((int(pid), f.read().replace(b"\0", b" ").decode(errors="replace")))
-        except OSError:
-            continue
-    return found
 
-
-@pytest.fixture(autouse=True)
-def reap_our_gpg_daemons(env: Dict[str, str]) -> Iterator[None]:
-    """Mark each run's environment; afterwards stop any process still carrying the mark
-    and remove the lxc-gpg home it names, so a leak found by one test does not pile up
-    (the tests still see the leak: this runs at teardown)."""
-    env[MARKER] = uuid.uuid4().hex
-    yield
-    for pid, cmdline in processes_with_marker(env[MARKER]):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except OSError:
-            pass
-        m = re.search(r"--homedir (/tmp/lxc-gpg\.\S+)", cmdline)
-        if m:
-            shutil.rmtree(m.group(1), ignore_errors=True)
 
 
 def settle(leftovers, probe, seconds: float = 30.0):

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
@@ -298,13 +297,6 @@ def host_dir() -> Iterator[Path]:
     shutil.rmtree(str(d), ignore_errors=True)
 
 
-def _write_tar_xz(path: Path, members: List[Member]) -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for info, data in members:
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    with open(str(path), "wb") as out:
-        subprocess.run(["xz", "--threads=0", "-c"], input=buf.getvalue(), stdout=out, check=True)
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +325,7 @@ def hostile_server(tmp_path_factory: pytest.TempPathFactory, pki: Pki, gpg_keys:
         build = "20270101_00:00"
         out = docroot / "images/hostile" / release / "amd64/default" / build
         out.mkdir(parents=True)
-        _write_tar_xz(out / "rootfs.tar.xz", members)
+        support.write_tar_xz(out / "rootfs.tar.xz", members)
         support.build_meta(out / "meta.tar.xz", work / release, meta=meta)
         for name in ("rootfs.tar.xz", "meta.tar.xz"):
             gpg_keys.sign(out / name)
