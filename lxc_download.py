@@ -954,7 +954,7 @@ class RootfsWriter:
             os.unlink(name, dir_fd=parent)
         return False
 
-    def add(self, member: tarfile.TarInfo, source: Optional[IO[bytes]]) -> None:
+    def add(self, member: tarfile.TarInfo, write_data: Optional[Callable[[int], None]] = None) -> None:
         self.trim()  # only here: descriptors handed out below stay open for this member
         parts = member_parts(member.name)
         if not parts:
@@ -974,7 +974,7 @@ class RootfsWriter:
         if member.issym():
             os.symlink(member.linkname.encode("utf-8", "surrogateescape"), name, dir_fd=parent)
         elif member.isreg():
-            self.write_file(member, parent, name, source)
+            self.write_file(member, parent, name, write_data)
             return
         elif member.ischr() or member.isblk():
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
@@ -1001,13 +1001,13 @@ class RootfsWriter:
             raise DownloadError(f"Hard link target missing in the rootfs tarball: {member.name} -> "
                                 f"{member.linkname}") from None
 
-    def write_file(self, member: tarfile.TarInfo, parent: int, name: bytes, source: Optional[IO[bytes]]) -> None:
+    def write_file(self, member: tarfile.TarInfo, parent: int, name: bytes,
+                   write_data: Optional[Callable[[int], None]]) -> None:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=parent)
         try:
-            if source is not None:
-                with open(fd, "wb", closefd=False, buffering=0) as out:
-                    shutil.copyfileobj(source, out, CHUNK)
+            if write_data is not None:
+                write_data(fd)
             self.set_metadata(fd, member)
         finally:
             os.close(fd)
@@ -1068,19 +1068,50 @@ def member_xattrs(member: tarfile.TarInfo) -> Iterator[Tuple[str, bytes]]:
 
 
 class ForwardReader:
-    """A pipe that tarfile's seekable mode can read, since it only ever seeks forward.
+    """The decompressed tar stream, as tarfile's seekable mode reads it (it only seeks forward).
 
-    tarfile's own stream mode ("r|") copies its buffer on every 512-byte header read.
+    tarfile's own stream mode ("r|") copies its buffer on every 512-byte header read. File
+    contents skip Python altogether where the kernel can splice them from xz's pipe.
     """
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], pipe: Optional[int] = None) -> None:
         self.raw = raw
+        self.pipe = pipe
+        self.splice = getattr(os, "splice", None) if pipe is not None else None  # Python 3.10+
         self.pos = 0
 
     def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
+        """Exactly size bytes unless the stream ends (a pipe hands out less at a time)."""
+        if size < 0:
+            data = self.raw.read()
+        else:
+            chunks, got = [], 0
+            while got < size:
+                chunk = self.raw.read(min(size - got, CHUNK))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+            data = b"".join(chunks)
         self.pos += len(data)
         return data
+
+    def copy_to(self, fd: int, size: int) -> None:
+        """Write the next size bytes of the stream to fd."""
+        left = size
+        while left:
+            if self.splice is not None:
+                done = self.splice(self.pipe, fd, min(left, CHUNK))
+            else:
+                data = self.raw.read(min(left, CHUNK))
+                done = len(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            if not done:
+                raise EOFError("unexpected end of data")
+            left -= done
+            self.pos += done
 
     def tell(self) -> int:
         return self.pos
@@ -1095,7 +1126,7 @@ class ForwardReader:
 
 
 @contextmanager
-def tar_stream(tarball: Path) -> Iterator[IO[bytes]]:
+def tar_stream(tarball: Path) -> Iterator[ForwardReader]:
     """The decompressed tar stream: parallel `xz -T0` when present, the stdlib's lzma otherwise.
 
     The whole stream is read to its end, so the xz integrity check covers all of it.
@@ -1105,19 +1136,21 @@ def tar_stream(tarball: Path) -> Iterator[IO[bytes]]:
         import lzma
 
         with lzma.open(tarball, "rb") as stream:
-            yield stream
-            while stream.read(CHUNK):
+            reader = ForwardReader(stream)
+            yield reader
+            while reader.read(CHUNK):
                 pass
         return
     import subprocess
 
     # Parallel over the image's xz blocks, within a memory bound (xz drops threads to keep it).
     proc = subprocess.Popen([xz, "-dc", "-T0", f"--memlimit-mt-decompress={XZ_MEMLIMIT}", "--", str(tarball)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     assert proc.stdout is not None and proc.stderr is not None
     try:
-        yield proc.stdout
-        while proc.stdout.read(CHUNK):
+        reader = ForwardReader(proc.stdout, pipe=proc.stdout.fileno())
+        yield reader
+        while reader.read(CHUNK):
             pass
     except BaseException:
         proc.kill()
@@ -1131,6 +1164,18 @@ def tar_stream(tarball: Path) -> Iterator[IO[bytes]]:
         raise DownloadError(f"Invalid rootfs tarball: {error or 'xz failed'}")
 
 
+def member_data(tar: tarfile.TarFile, stream: ForwardReader,
+                member: tarfile.TarInfo) -> Optional[Callable[[int], None]]:
+    """How to write a regular member's contents into a file descriptor."""
+    if not member.isreg():
+        return None
+    if member.issparse():  # tarfile knows the holes
+        source = tar.extractfile(member)
+        assert source is not None
+        return lambda fd: shutil.copyfileobj(source, open(fd, "wb", closefd=False, buffering=0), CHUNK)
+    return lambda fd: stream.copy_to(fd, member.size)
+
+
 def unpack_rootfs(tarball: Path, rootfs: Path, excludes: Sequence[str], console: Console) -> None:
     import lzma
     import tarfile
@@ -1139,8 +1184,8 @@ def unpack_rootfs(tarball: Path, rootfs: Path, excludes: Sequence[str], console:
     writer = RootfsWriter(rootfs, console)
     try:
         try:
-            with tar_stream(tarball) as stream, tarfile.open(fileobj=ForwardReader(stream), mode="r:",
-                                                             encoding="utf-8", errors="surrogateescape") as tar:
+            with tar_stream(tarball) as stream, tarfile.open(fileobj=stream, mode="r:", encoding="utf-8",
+                                                             errors="surrogateescape") as tar:
                 while True:
                     member = tar.next()
                     if member is None:
@@ -1148,7 +1193,7 @@ def unpack_rootfs(tarball: Path, rootfs: Path, excludes: Sequence[str], console:
                     tar.members.clear()  # tarfile keeps every member it read: memory must not grow
                     if excludes and excluded(member.name, excludes):
                         continue
-                    writer.add(member, tar.extractfile(member) if member.isreg() else None)
+                    writer.add(member, member_data(tar, stream, member))
         except (tarfile.TarError, EOFError, lzma.LZMAError) as e:
             raise DownloadError(f"Invalid rootfs tarball: {e}") from None
         writer.finish()
