@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import support
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,3 +184,26 @@ def test_interactive_mode_at_end_of_input_is_an_error(run_download, container_ar
     assert r.returncode == 1
     assert "ERROR:" in r.stderr and "standard input is closed" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def oldest_python() -> str:
+    """A Python 3.8 to run the program with: on PATH, or one pyenv keeps."""
+    import glob
+
+    kept = sorted(glob.glob("/root/.pyenv/versions/3.8*/bin/python3"))
+    on_path = shutil.which("python3.8")
+    if on_path and "/shims/" not in on_path:  # a pyenv shim only works where pyenv has 3.8
+        kept.append(on_path)
+    return kept[0] if kept else ""
+
+
+@pytest.mark.skipif(not oldest_python(), reason="no Python 3.8 here (vermin checks 3.8 syntax in CI)")
+def test_creates_on_python_3_8(container_args, env, container):
+    import gnupg
+
+    env = dict(env, PYTHONPATH=str(Path(gnupg.__file__).parent))  # python-gnupg is one pure-Python file
+    r = subprocess.run([oldest_python(), str(PROGRAM), *container_args, *IMAGE], env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (container.rootfs / "etc/build").read_text().strip() == "20261127_05:24"
+    assert (container.rootfs / support.SUBSECOND_FILE).stat().st_mtime_ns == support.SUBSECOND_MTIME_NS
