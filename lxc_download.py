@@ -405,8 +405,9 @@ class Fetcher:
             self._opener.addheaders = [("User-Agent", f"lxc_download.py/{VERSION} compat:{COMPAT_LEVEL}")]
         return self._opener
 
-    def download(self, url: str, dest: Path, required: bool = True) -> bool:
-        """Stream url to dest. A missing file returns False unless required."""
+    def download(self, url: str, dest: Path, required: bool = True, tee: Optional[StreamCheck] = None) -> bool:
+        """Stream url to dest (and to tee, on a first attempt that needs no other). A missing
+        file returns False unless required."""
         import http.client
         import urllib.error
 
@@ -414,9 +415,12 @@ class Fetcher:
         last: Optional[BaseException] = None
         for attempt in range(ATTEMPTS):
             if attempt:
+                if tee is not None:
+                    tee.abandon()
+                    tee = None
                 time.sleep(min(2 ** (attempt - 1), 4))
             try:
-                self._transfer(url, dest)
+                self._transfer(url, dest, tee)
                 return True
             except urllib.error.HTTPError as e:
                 last = e
@@ -431,11 +435,14 @@ class Fetcher:
         reason = getattr(last, "reason", None) or last
         raise DownloadError(f"Failed to download {url} ({reason})")
 
-    def _transfer(self, url: str, dest: Path) -> None:
+    def _transfer(self, url: str, dest: Path, tee: Optional[StreamCheck]) -> None:
         """One attempt; continues a partial dest with a Range request when the server allows."""
         import urllib.request
 
         have = dest.stat().st_size if dest.exists() else 0
+        if have and tee is not None:  # gpg must see the file from its first byte
+            tee.abandon()
+            tee = None
         request = urllib.request.Request(url)
         if have:
             request.add_header("Range", f"bytes={have}-")
@@ -453,6 +460,8 @@ class Fetcher:
                         if not chunk:
                             break
                         out.write(chunk)
+                        if tee is not None:
+                            tee.feed(chunk)
                         done += len(chunk)
                         meter.update(len(chunk))
             finally:
@@ -568,14 +577,72 @@ class Keyring:
                 return True
         return False
 
-    def verify(self, path: Path, signature: Path, label: str) -> None:
+    def check(self, data: Path, signature: Path) -> Optional[str]:
+        """The signer's fingerprint if the signature is good and by a trusted key, else None."""
         assert self.gpg is not None
         with open(signature, "rb") as sig:
-            result = self.gpg.verify_file(sig, str(path))
-        signers = {(result.pubkey_fingerprint or "").upper(), (result.fingerprint or "").upper()}
-        if not (result.valid and signers & set(self.trusted)):
+            result = self.gpg.verify_file(sig, str(data))
+        signer = (result.pubkey_fingerprint or "").upper()
+        signers = {signer, (result.fingerprint or "").upper()}
+        return signer if result.valid and signers & set(self.trusted) else None
+
+    def accept(self, signer: Optional[str], label: str) -> None:
+        if signer is None:
             raise DownloadError(f"Invalid signature for {label}")
-        self.console.detail(f"Verified {label}: good signature by {(result.pubkey_fingerprint or '').upper()}")
+        self.console.detail(f"Verified {label}: good signature by {signer}")
+
+
+class StreamCheck:
+    """gpg checks a download's signature while it arrives, reading it from a FIFO as it is
+    written to disk, so a large file is not read a second time. Anything unusual (a retry,
+    gpg gone) abandons it, and the file on disk is verified the usual way instead."""
+
+    def __init__(self, keyring: Keyring, signature: Path, fifo: Path) -> None:
+        import threading
+
+        self.signer: Optional[str] = None
+        os.mkfifo(fifo, 0o600)
+        self.fifo = fifo
+        self.thread = threading.Thread(target=self._check, args=(keyring, signature), daemon=True)
+        self.thread.start()
+        self.fd: Optional[int] = None
+        while self.fd is None and self.thread.is_alive():  # until gpg opens the FIFO (or gives up)
+            try:
+                self.fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                time.sleep(0.002)
+        self.streaming = self.fd is not None
+        if self.fd is not None:
+            os.set_blocking(self.fd, True)
+
+    def _check(self, keyring: Keyring, signature: Path) -> None:
+        self.signer = keyring.check(self.fifo, signature)
+
+    def feed(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        try:
+            while view and self.fd is not None:
+                view = view[os.write(self.fd, view):]
+        except OSError:  # gpg stopped reading
+            self.abandon()
+
+    def abandon(self) -> None:
+        self.streaming = False
+        self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def finish(self) -> bool:
+        """Whether gpg saw the whole file: then `signer` is its verdict."""
+        self.close()
+        self.thread.join()
+        self.fifo.unlink()
+        return self.streaming
 
 
 class ImageServer:
@@ -598,15 +665,21 @@ class ImageServer:
         return self._keyring
 
     def fetch_verified(self, url: str, dest: Path, label: str, required: bool = True) -> bool:
-        """Fetch a file and, when validating, its detached signature; verify them."""
-        if not self.fetcher.download(url, dest, required):
-            return False
+        """Fetch a file and, when validating, its detached signature (first, so that gpg can
+        check the file while it downloads); refuse it unless the signature is good."""
         if self.opts.no_validate:
-            return True
+            return self.fetcher.download(url, dest, required)
+        keyring = self.keyring()
         signature = dest.with_name(dest.name + ".asc")
         if not self.fetcher.download(url + ".asc", signature, required):
             return False
-        self.keyring().verify(dest, signature, label)
+        check = StreamCheck(keyring, signature, dest.with_name(dest.name + ".fifo"))
+        try:
+            if not self.fetcher.download(url, dest, required, tee=check):
+                return False
+        finally:
+            streamed = check.finish()
+        keyring.accept(check.signer if streamed else keyring.check(dest, signature), label)
         return True
 
     def index(self, workdir: Path) -> List[IndexEntry]:

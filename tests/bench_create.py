@@ -459,7 +459,8 @@ def sync() -> None:
 # The scenarios
 # ---------------------------------------------------------------------------
 
-KINDS = ("ours fresh", "shell fresh", "ours cached", "shell cached", "tar -xJf", "xz -T0 | tar -x")
+KINDS = ("ours fresh", "shell fresh", "ours cached", "shell cached", "ours fresh-unverified",
+         "tar -xJf", "xz -T0 | tar -x")
 
 
 @dataclass
@@ -523,11 +524,13 @@ def run_scenario(label: str, base: Path, tarball: Path, served: Served, runs: in
     def create(prog: str, kind: str) -> Path:
         ct_base = base / ("ct-" + prog)
         rmtree(ct_base)
-        if kind == "fresh":
+        if kind.startswith("fresh"):
             rmtree(Path((env_ours if prog == "ours" else env_shell)["LXC_CACHE_PATH"]))
         ct = support.make_container(ct_base, "c1")
         if prog == "ours":
             cmd = [sys.executable, str(support.SCRIPT)] + ct.args(served.server, served.keys) + image
+            if kind == "fresh-unverified":  # what the 5.x shell does: no GPG at all
+                cmd.append("--no-validate")
             env = env_ours
         else:
             cmd = [str(support.SHELL_TEMPLATE)] + ct.shell_args(served.server) + image
@@ -558,6 +561,7 @@ def run_scenario(label: str, base: Path, tarball: Path, served: Served, runs: in
             result.check = compare_trees(rootfs["ours"], rootfs["shell"])
         for prog in order:
             create(prog, "cached")
+        create("ours", "fresh-unverified")
         for kind in (("tar -xJf", "xz -T0 | tar -x") if i % 2 == 0 else ("xz -T0 | tar -x", "tar -xJf")):
             floor(kind)
     for name in ("ct-ours", "ct-shell", "floor"):
@@ -628,6 +632,9 @@ def report(info: Dict[str, object], runs: int, results: List[ScenarioResult],
             o, sh = med(s["ours " + kind]), med(s["shell " + kind])
             p("%-32s %9.3fs %9.3fs %11.3f   %s" % (kind + " create", o, sh, o / sh,
                                                  verdict(o / sh <= TARGET_RATIO)))
+        o, sh = med(s["ours fresh-unverified"]), med(s["shell fresh"])
+        p("%-32s %9.3fs %9.3fs %11.3f   (the 5.x shell verifies nothing)"
+          % ("fresh, --no-validate", o, sh, o / sh))
         p("%-32s %9.3fs" % ("floor: tar -xJf", med(s["tar -xJf"])))
         p("%-32s %9.3fs" % ("floor: xz -T0 -dc | tar -x", med(s["xz -T0 | tar -x"])))
         p("peak RSS (max over runs)         %10s %10s" % ("ours", "shell"))
