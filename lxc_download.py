@@ -616,6 +616,12 @@ class StreamCheck:
         self.streaming = self.fd is not None
         if self.fd is not None:
             os.set_blocking(self.fd, True)
+            try:  # a chunk at a time, so gpg hashes one while the next one downloads
+                import fcntl
+
+                fcntl.fcntl(self.fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), CHUNK)
+            except OSError:
+                pass
 
     def _check(self, keyring: Keyring, signature: Path) -> None:
         self.signer = keyring.check(self.fifo, signature)
