@@ -477,9 +477,10 @@ class Fetcher:
 class Keyring:
     """A throwaway GNUPGHOME holding only the image signing key; the user's keyring is never used."""
 
-    def __init__(self, console: Console, opts: argparse.Namespace) -> None:
+    def __init__(self, console: Console, opts: argparse.Namespace, fetcher: Fetcher) -> None:
         self.console = console
         self.opts = opts
+        self.fetcher = fetcher
         self.home: Optional[str] = None
         self.trusted: List[str] = []
         self.gpg = None
@@ -501,7 +502,6 @@ class Keyring:
         short = "/tmp" if os.access("/tmp", os.W_OK) else None  # gpg-agent socket paths are short
         self.home = tempfile.mkdtemp(prefix="lxc-gpg.", dir=short)
         try:  # a failure here must still stop the daemons and remove the home
-            self._write_dirmngr_conf()
             try:
                 self.gpg = gnupg.GPG(gnupghome=self.home)
             except (OSError, ValueError) as e:
@@ -522,17 +522,6 @@ class Keyring:
                 subprocess.run(["gpgconf", "--kill", "all"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, timeout=30, check=False)
             shutil.rmtree(self.home, ignore_errors=True)
-
-    def _write_dirmngr_conf(self) -> None:
-        """dirmngr talks to the keyserver: give it our timeout, proxy and CA settings."""
-        assert self.home
-        lines = [f"connect-timeout {int(self.opts.timeout)}"]
-        if any(os.environ.get(v) for v in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")):
-            lines.append("honor-http-proxy")
-        cafile = os.environ.get("SSL_CERT_FILE")
-        if cafile and os.path.isfile(cafile):
-            lines.append(f"hkp-cacert {cafile}")
-        Path(self.home, "dirmngr.conf").write_text("\n".join(lines) + "\n")
 
     def _load_key(self) -> None:
         assert self.gpg is not None
@@ -566,16 +555,25 @@ class Keyring:
         return [f.upper() for f in self.gpg.import_keys(data).fingerprints if f]
 
     def _receive(self) -> bool:
-        """Ask the keyserver, and accept only the key we asked for."""
-        assert self.gpg is not None
+        """Ask the keyserver over HKP (no dirmngr: proxies, CA and --timeout as for the images),
+        and keep only the key we asked for."""
+        url = hkp_lookup_url(self.opts.keyserver, self.opts.keyid)
+        if url is None:
+            raise DownloadError(f"Unsupported keyserver {self.opts.keyserver}: "
+                                "give an hkp://, hkps://, http:// or https:// keyserver")
+        assert self.gpg is not None and self.home is not None
         self.console.detail(f"Fetching key {self.opts.keyid} from {self.opts.keyserver}")
-        for attempt in range(ATTEMPTS):
-            if attempt:
-                time.sleep(1)
-            result = self.gpg.recv_keys(self.opts.keyserver, self.opts.keyid)
-            if self.opts.keyid in [f.upper() for f in result.fingerprints if f]:
-                return True
-        return False
+        answer = Path(self.home, "keyserver-answer.asc")
+        try:
+            if not self.fetcher.download(url, answer, required=False):
+                return False
+        except DownloadError:  # e.g. a redirect to plain HTTP
+            return False
+        found = self._import(answer.read_text(errors="replace"))
+        others = [f for f in found if f != self.opts.keyid]
+        if others:
+            self.gpg.delete_keys(others)
+        return self.opts.keyid in found
 
     def check(self, data: Path, signature: Path) -> Optional[str]:
         """The signer's fingerprint if the signature is good and by a trusted key, else None."""
@@ -590,6 +588,20 @@ class Keyring:
         if signer is None:
             raise DownloadError(f"Invalid signature for {label}")
         self.console.detail(f"Verified {label}: good signature by {signer}")
+
+
+def hkp_lookup_url(keyserver: str, fingerprint: str) -> Optional[str]:
+    """The HKP lookup URL of a keyserver written as gpg takes it (hkp://, hkps://, a bare host)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(keyserver if "://" in keyserver else f"hkp://{keyserver}")
+    schemes = {"hkp": ("http", 11371), "hkps": ("https", 443), "http": ("http", 80), "https": ("https", 443)}
+    if parts.scheme not in schemes or not parts.hostname:
+        return None
+    scheme, port = schemes[parts.scheme]
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return (f"{scheme}://{host}:{parts.port or port}{parts.path.rstrip('/')}"
+            f"/pks/lookup?op=get&options=mr&search=0x{fingerprint}")
 
 
 class StreamCheck:
@@ -667,7 +679,7 @@ class ImageServer:
     def keyring(self) -> Keyring:
         """Set up on first use, so a run served from the cache needs no keyserver."""
         if self._keyring is None:
-            self._keyring = self.stack.enter_context(Keyring(self.console, self.opts))
+            self._keyring = self.stack.enter_context(Keyring(self.console, self.opts, self.fetcher))
         return self._keyring
 
     def fetch_verified(self, url: str, dest: Path, label: str, required: bool = True) -> bool:

@@ -298,6 +298,52 @@ def test_pubkey_bundle_only_trusts_the_keyid_signer(run_download, env,
     assert_nothing_unpacked_or_cached(container, env)
 
 
+def test_keyserver_answer_with_extra_keys_keeps_only_the_asked_key(run_download, env,
+                                                                    private_server: ImageServer,
+                                                                    catalog: Catalog, gpg_keys: GpgKeys,
+                                                                    container: Container) -> None:
+    """A keyserver that answers with another key too: only the asked-for key counts, so a
+    file the other key signed is refused."""
+    use_private(env, private_server)
+    private_server.add_key(gpg_keys.armored("foreign") + gpg_keys.armored("test"), [gpg_keys.test_fpr])
+    img = catalog.image("testos", "stable", "amd64")
+    gpg_keys.sign(private_server.docroot / img.entry.path.lstrip("/") / "rootfs.tar.xz", "foreign")
+    res = run_download(*container.args(private_server, gpg_keys), *TESTOS)
+    assert res.returncode == 1, show(res)
+    assert lookups(private_server), "the keyserver was not asked"
+    err = errors(res)
+    assert len(err) == 1 and err[0].startswith("ERROR: Invalid signature for "), show(res)
+    assert err[0].endswith("rootfs.tar.xz"), err[0]
+    assert_nothing_unpacked_or_cached(container, env)
+
+
+def test_keyserver_needs_no_dirmngr(run_download, env, container_args, tmp_path: Path,
+                                    image_server: ImageServer, container: Container) -> None:
+    """A minimal host with gpg but without dirmngr (Debian's `gpg` package alone) still
+    fetches the key: the program speaks HKP itself."""
+    bin_dir = tmp_path / "bin-without-dirmngr"
+    bin_dir.mkdir()
+    for tool in ("xz", "tar", "gpg", "gpgconf", "gpg-agent"):
+        found = shutil.which(tool)
+        assert found
+        (bin_dir / tool).symlink_to(found)
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env["PATH"] = str(bin_dir)
+    res = run_download(*container_args, *TESTOS)
+    assert res.returncode == 0, show(res)
+    assert lookups(image_server), "the key was not fetched from the keyserver"
+    assert (container.rootfs / "etc/build").read_text() == "20261127_05:24\n"
+
+
+def test_unsupported_keyserver_scheme_is_an_error(run_download, container_args, container: Container) -> None:
+    res = run_download(*container_args, *TESTOS, "--keyserver", "ldap://keys.example")
+    assert res.returncode == 1, show(res)
+    err = errors(res)
+    assert len(err) == 1 and "Unsupported keyserver ldap://keys.example" in err[0], show(res)
+    assert "Traceback" not in res.stderr
+    assert os.listdir(str(container.rootfs)) == []
+
+
 def test_keyid_of_foreign_key_refuses_test_signed_images(run_download, container: Container,
                                                          image_server: ImageServer,
                                                          gpg_keys: GpgKeys, env) -> None:
