@@ -503,7 +503,8 @@ class Keyring:
         self.home = tempfile.mkdtemp(prefix="lxc-gpg.", dir=short)
         try:  # a failure here must still stop the daemons and remove the home
             try:
-                self.gpg = gnupg.GPG(gnupghome=self.home)
+                # public keys need no gpg-agent or dirmngr: start neither, leave none behind
+                self.gpg = gnupg.GPG(gnupghome=self.home, options=["--no-autostart"])
             except (OSError, ValueError) as e:
                 raise DownloadError(f"Unable to run gpg ({e}); pass --no-validate to skip validation") from None
             self.console.say("Setting up the GPG keyring")
@@ -515,8 +516,8 @@ class Keyring:
 
     def __exit__(self, *exc: object) -> None:
         if self.home:
-            if shutil.which("gpgconf"):
-                import subprocess
+            if any(name.startswith("S.") for name in os.listdir(self.home)) and shutil.which("gpgconf"):
+                import subprocess  # a daemon started after all (its socket is here): stop it
 
                 env = dict(os.environ, GNUPGHOME=self.home)
                 subprocess.run(["gpgconf", "--kill", "all"], env=env, stdout=subprocess.DEVNULL,
