@@ -40,6 +40,7 @@ ATTEMPTS = 3
 MAX_CACHE_AGE = 30 * 24 * 3600  # the design note's client-side cap on a cached build
 CHUNK = 1 << 20
 OPEN_DIRS = 64  # directory descriptors kept open while unpacking
+GPG_WAIT = 120  # seconds gpg may take to check a signature
 XZ_MEMLIMIT = "80MiB"  # xz -T0 buffers whole blocks per thread: keep the run under 100 MB
 
 # The public key the image server signs with, used when no keyserver answers.
@@ -619,7 +620,8 @@ class StreamCheck:
         self.thread = threading.Thread(target=self._check, args=(keyring, signature), daemon=True)
         self.thread.start()
         self.fd: Optional[int] = None
-        while self.fd is None and self.thread.is_alive():  # until gpg opens the FIFO (or gives up)
+        deadline = time.monotonic() + GPG_WAIT
+        while self.fd is None and self.thread.is_alive() and time.monotonic() < deadline:  # until gpg reads
             try:
                 self.fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError as e:
@@ -659,8 +661,10 @@ class StreamCheck:
     def finish(self) -> bool:
         """Whether gpg saw the whole file: then `signer` is its verdict."""
         self.close()
-        self.thread.join()
+        self.thread.join(GPG_WAIT)
         self.fifo.unlink()
+        if self.thread.is_alive():
+            raise DownloadError(f"gpg did not answer within {GPG_WAIT} seconds")
         return self.streaming
 
 
