@@ -338,6 +338,17 @@ HOSTILE = [
 ]
 
 
+def assert_refused_before_anything(res, env: Dict[str, str], container: Container,
+                                   image_server: ImageServer) -> None:
+    """An ERROR, no traceback, and nothing cached, unpacked or downloaded."""
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert error_lines(res), res.stderr
+    no_traceback(res)
+    assert cache_is_empty(env)
+    assert list(container.rootfs.iterdir()) == []
+    assert image_server.count("*/rootfs.tar.xz") == 0
+
+
 @pytest.mark.parametrize("opt,value", HOSTILE, ids=[repr(v) for _, v in HOSTILE])
 def test_hostile_image_names_rejected_before_anything_is_created(
         run_download, container: Container, image_server: ImageServer, gpg_keys: GpgKeys,
@@ -347,12 +358,7 @@ def test_hostile_image_names_rejected_before_anything_is_created(
     flat = [x for kv in args.items() for x in kv]
     res = run_download("--name", container.name, "--path", str(container.path), "--rootfs",
                        str(container.rootfs), *flat, *server_args(image_server, gpg_keys))
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert error_lines(res), res.stderr
-    no_traceback(res)
-    assert cache_is_empty(env)
-    assert list(container.rootfs.iterdir()) == []
-    assert image_server.count("*/rootfs.tar.xz") == 0
+    assert_refused_before_anything(res, env, container, image_server)
     assert not (tmp_path / "evil").exists() and not Path("/tmp/evil").exists()
 
 
@@ -362,9 +368,4 @@ def test_hostile_interactive_answer_rejected(run_download, container_args: List[
                                              image_server: ImageServer, answer: str) -> None:
     # the hostile answer goes to the Release prompt; the arch answer after it is never used
     res = run_download(*container_args, "-d", "testos", input=answer + "\namd64\n")
-    assert res.returncode == 1, res.stdout + res.stderr
-    assert error_lines(res), res.stderr
-    no_traceback(res)
-    assert cache_is_empty(env)
-    assert list(container.rootfs.iterdir()) == []
-    assert image_server.count("*/rootfs.tar.xz") == 0
+    assert_refused_before_anything(res, env, container, image_server)

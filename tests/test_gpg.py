@@ -78,6 +78,17 @@ def lookups(server: ImageServer) -> List[support.Request]:
     return [r for r in server.requests if r.path == "/pks/lookup"]
 
 
+def path_with_only(bin_dir: Path, *tools: str) -> str:
+    """A PATH holding python3 and just these tools: a host that lacks the others."""
+    bin_dir.mkdir()
+    for tool in tools:
+        found = shutil.which(tool)
+        assert found, tool
+        (bin_dir / tool).symlink_to(found)
+    (bin_dir / "python3").symlink_to(sys.executable)
+    return str(bin_dir)
+
+
 def use_private(env: Dict[str, str], server: ImageServer) -> None:
     env["DOWNLOAD_KEYSERVER"] = server.keyserver_url
 
@@ -321,14 +332,7 @@ def test_keyserver_needs_no_dirmngr(run_download, env, container_args, tmp_path:
                                     image_server: ImageServer, container: Container) -> None:
     """A minimal host with gpg but without dirmngr (Debian's `gpg` package alone) still
     fetches the key: the program speaks HKP itself."""
-    bin_dir = tmp_path / "bin-without-dirmngr"
-    bin_dir.mkdir()
-    for tool in ("xz", "tar", "gpg", "gpgconf", "gpg-agent"):
-        found = shutil.which(tool)
-        assert found
-        (bin_dir / tool).symlink_to(found)
-    (bin_dir / "python3").symlink_to(sys.executable)
-    env["PATH"] = str(bin_dir)
+    env["PATH"] = path_with_only(tmp_path / "bin-without-dirmngr", "xz", "tar", "gpg", "gpgconf", "gpg-agent")
     res = run_download(*container_args, *TESTOS)
     assert res.returncode == 0, show(res)
     assert lookups(image_server), "the key was not fetched from the keyserver"
@@ -383,14 +387,7 @@ def test_gpg_missing_while_validating_names_gpg_and_no_validate(run_download, en
                                                                  container_args,
                                                                  tmp_path: Path,
                                                                  container: Container) -> None:
-    bin_dir = tmp_path / "bin-without-gpg"
-    bin_dir.mkdir()
-    for tool in ("xz", "tar"):
-        found = shutil.which(tool)
-        assert found
-        (bin_dir / tool).symlink_to(found)
-    (bin_dir / "python3").symlink_to(sys.executable)
-    env["PATH"] = str(bin_dir)
+    env["PATH"] = path_with_only(tmp_path / "bin-without-gpg", "xz", "tar")
     res = run_download(*container_args, *TESTOS)
     assert res.returncode == 1, show(res)
     err = errors(res)
